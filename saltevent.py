@@ -1,0 +1,1894 @@
+"""SaltStack's event bus as one pure-stdlib module: ``salt.utils.event`` without ZeroMQ.
+
+Wire format.  A bus (sock_dir, node, minion id) is one AF_UNIX stream socket,
+``<sock_dir>/saltevent-master.sock`` or ``saltevent-minion-<idhash>.sock``, plus the
+election lock ``<same name>.lock``; Salt's own ``*.ipc`` names are never used.  One
+frame is one UTF-8 JSON object followed by ``b"\\n"``, at most ``MAX_FRAME_BYTES``.
+An event is ``{"tag": str, "data": dict}``; anything else is a control frame
+``{"ctl": name, ...}``: clients send ``sub`` (become a listener: ``backlog``,
+``resume``) and ``stats``; the broker sends ``ok`` (``gap``), ``drop`` (``n``),
+``bye`` (hand-off) and ``stats``.  The broker relays event frames byte for byte.
+
+Usage::
+
+    import saltevent
+    event = saltevent.MasterEvent('/var/run/salt/master')
+    data = event.get_event(wait=10, tag='auth')
+    event.fire_event({'sample-msg': 'this is a test'}, 'tag')
+
+Choices where Salt is silent are noted where they are made; saltevent's own opts
+keys are ``saltevent_backlog_bytes`` (per-listener backlog in the broker, default
+``DEFAULT_BACKLOG_BYTES``) and ``master_sock_dir`` (default: the minion's sock_dir).
+License: Apache-2.0.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Constants
+    "DEFAULT_BACKLOG_BYTES", "DEFAULT_MAX_EVENT_SIZE", "DEFAULT_WAIT", "MAX_FRAME_BYTES",
+    "SALT", "SUB_EVENT", "TAGEND", "TAGPARTER", "TAGS",
+    # Exceptions
+    "SaltEventError", "EventTimeout", "BusClosedError", "FrameError",
+    # Tags
+    "tagify",
+    # Broker
+    "Broker",
+    # Clients
+    "SaltEvent", "MasterEvent", "LocalClientEvent", "MinionEvent", "NamespacedEvent",
+    # Module-level functions
+    "get_event", "get_master_event", "fire_args", "main",
+]
+
+import atexit
+import collections
+import datetime
+import errno
+import itertools
+import json
+import logging
+import os
+import select
+import selectors
+import socket
+import stat
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and no AF_UNIX in older builds
+    fcntl = None
+
+log = logging.getLogger("saltevent")
+
+# -- Constants ----------------------------------------------------------------
+
+#: Salt's names, kept for code written against ``salt.utils.event``.
+TAGEND = "\n\n"
+TAGPARTER = "/"
+SALT = "salt"
+TAGS = {
+    "auth": "auth",
+    "job": "job",
+    "key": "key",
+    "minion": "minion",
+    "syndic": "syndic",
+    "run": "run",
+    "wheel": "wheel",
+    "cloud": "cloud",
+    "fileserver": "fileserver",
+    "queue": "queue",
+}
+SUB_EVENT = ("state.highstate", "state.sls")
+
+DEFAULT_WAIT = 5.0                     # seconds, get_event()
+DEFAULT_MAX_EVENT_SIZE = 1 << 20       # bytes of encoded data before trimming (Salt's default)
+DEFAULT_BACKLOG_BYTES = 32 << 20       # bytes queued in the broker for one listener
+MAX_FRAME_BYTES = 16 << 20             # bytes, one frame on the wire
+
+_CONNECT_TIMEOUT = 5.0                 # seconds, a constructor's connect_pub()
+_RECONNECT_TIMEOUT = 2.0               # seconds, one transparent reconnect after a hand-off
+_HANDOFF_QUIET = 0.1                   # seconds of silence that end a broker's final drain
+_HANDOFF_TIMEOUT = 1.0                 # seconds, hard limit of a broker's final drain
+_REPLAY_SECONDS = 3.0                  # seconds a new broker keeps events for resuming listeners
+_BYE_CHECK_INTERVAL = 0.02             # seconds between a firer's checks for a hand-off
+_RECV_BYTES = 256 << 10                # bytes per recv()
+_IOV_MAX = 512                         # buffers per sendmsg()
+
+_SOCK_PREFIX = "saltevent-"
+_SOCK_SUFFIX = ".sock"
+_LOCK_SUFFIX = ".lock"
+_SALT_SOCK_DIRS = {"master": "/var/run/salt/master", "minion": "/var/run/salt/minion"}
+_ENV_SOCK_DIR = "SALTEVENT_SOCK_DIR"
+
+_DEFAULT_OPTS = {
+    "hash_type": "sha256",
+    "event_match_type": "startswith",
+    "max_event_size": DEFAULT_MAX_EVENT_SIZE,
+    "saltevent_backlog_bytes": DEFAULT_BACKLOG_BYTES,
+}
+
+# -- Exceptions ---------------------------------------------------------------
+
+
+class SaltEventError(Exception):
+    """Base class of saltevent's errors."""
+
+
+class EventTimeout(SaltEventError, TimeoutError):
+    """No bus could be reached, or an event sent, within the timeout."""
+
+    def __init__(self, path: str, timeout: float | None):
+        super().__init__(path, timeout)
+        self.path = path
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"no event bus at {self.path} within {self.timeout} s"
+
+
+class BusClosedError(SaltEventError, ConnectionError):
+    """The bus connection is closed or broken."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"event bus {self.path}: {self.reason}"
+
+
+class FrameError(SaltEventError, ValueError):
+    """A frame on the wire is malformed, oversized or not UTF-8 JSON."""
+
+    def __init__(self, reason: str, frame: bytes = b""):
+        super().__init__(reason, frame)
+        self.reason = reason
+        self.frame = frame
+
+    def __str__(self) -> str:
+        if self.frame:
+            return f"{self.reason}: {self.frame[:60]!r}"
+        return self.reason
+
+
+# -- Framing ------------------------------------------------------------------
+
+_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json_decode = json.JSONDecoder().decode
+
+
+def _encode(obj: dict) -> bytes:
+    """Return one frame: *obj* as compact UTF-8 JSON and a newline."""
+    return (_json_encode(obj) + "\n").encode()
+
+
+def _decode(block: bytes) -> list:
+    """Return the objects of *block*, complete newline-terminated frames.
+
+    Raises FrameError naming the first bad frame.  All frames are decoded with one
+    ``json`` call; only a failure falls back to decoding frame by frame.
+    """
+    try:
+        text = block.decode()
+        objs = _json_decode("[" + text[:-1].replace("\n", ",") + "]")
+        if len(objs) == block.count(b"\n"):
+            return objs
+    except ValueError:
+        pass
+    return [_decode_one(line) for line in block.split(b"\n")[:-1]]
+
+
+def _decode_one(line: bytes) -> Any:
+    try:
+        return _json_decode(line.decode())
+    except UnicodeDecodeError:
+        raise FrameError("frame is not valid UTF-8", line) from None
+    except ValueError:
+        raise FrameError("frame is not a JSON object", line) from None
+
+
+def _decode_lenient(block: bytes) -> list:
+    """Like _decode(), but skip and log bad frames instead of raising."""
+    try:
+        return _decode(block)
+    except FrameError:
+        pass
+    objs = []
+    for line in block.split(b"\n")[:-1]:
+        try:
+            objs.append(_decode_one(line))
+        except FrameError as exc:
+            log.warning("skipping undecodable frame: %s", exc)
+    return objs
+
+
+class _FrameBuffer:
+    """Cut a byte stream into blocks of whole frames."""
+
+    __slots__ = ("_partial", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES):
+        self._partial = b""
+        self.max_frame = max_frame
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the whole frames completed by *chunk* (possibly ``b""``).
+
+        Raises FrameError when an unfinished frame grows past ``max_frame``.
+        """
+        end = chunk.rfind(b"\n") + 1
+        if end == 0:
+            self._partial += chunk
+            if len(self._partial) > self.max_frame:
+                size, self._partial = len(self._partial), b""
+                raise FrameError(f"frame exceeds {self.max_frame} bytes ({size} without a newline)")
+            return b""
+        if self._partial:
+            block, self._partial = self._partial + chunk[:end], chunk[end:]
+        else:
+            block, self._partial = chunk[:end], chunk[end:]
+        return block
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished frame."""
+        return len(self._partial)
+
+
+def _is_event(obj: Any) -> bool:
+    return (obj.__class__ is dict and len(obj) == 2 and obj.get("tag").__class__ is str
+            and obj.get("data").__class__ is dict)
+
+
+def _stamp() -> str:
+    """Return the time now as Salt stamps events: naive UTC, ISO-8601."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def _json_path_error(data: Any, path: str = "") -> str | None:
+    """Return the path of the first value in *data* that JSON cannot carry."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"{path}[{key!r}] (key of type {type(key).__name__})"
+            found = _json_path_error(value, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            found = _json_path_error(value, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    if data is None or isinstance(data, (str, int, float, bool)):
+        return None
+    return f"{path} (type {type(data).__name__})"
+
+
+def _encode_event(tag: str, data: Mapping) -> bytes:
+    """Return the frame of one event; TypeError names a value JSON cannot carry."""
+    try:
+        return _encode({"tag": tag, "data": data})
+    except TypeError:
+        where = _json_path_error(data) or "data"
+        raise TypeError(f"event data{where} is not JSON serializable "
+                        "(events carry dicts, lists, str, numbers, bool and None)") from None
+
+
+def _trim(data: dict, max_size: int) -> list:
+    """Trim *data* in place the way Salt does; return the trimmed keys.
+
+    While the encoded dict is over *max_size* bytes, replace each top-level value
+    larger than 50%, 40%, ... 10% of *max_size* by ``'VALUE_TRIMMED'``.
+    """
+    trimmed = []
+    percent = 50
+    while percent > 0:
+        limit = max_size * percent / 100
+        for key, value in data.items():
+            if value != "VALUE_TRIMMED" and len(_json_encode(value).encode()) > limit:
+                data[key] = "VALUE_TRIMMED"
+                trimmed.append(key)
+        percent -= 10
+        if len(_json_encode(data).encode()) < max_size:
+            break
+    return trimmed
+
+
+# -- Tag matching & tagify ----------------------------------------------------
+
+_regex_cache: dict = {}
+
+
+def _match_startswith(event_tag: str, search_tag: str) -> bool:
+    return event_tag.startswith(search_tag)
+
+
+def _match_endswith(event_tag: str, search_tag: str) -> bool:
+    return event_tag.endswith(search_tag)
+
+
+def _match_find(event_tag: str, search_tag: str) -> bool:
+    return event_tag.find(search_tag) >= 0
+
+
+def _match_regex(event_tag: str, search_tag: str) -> bool:
+    pattern = _regex_cache.get(search_tag)
+    if pattern is None:
+        import re
+        if len(_regex_cache) >= 256:
+            _regex_cache.clear()
+        pattern = _regex_cache[search_tag] = re.compile("^" + search_tag)
+    return pattern.search(event_tag) is not None
+
+
+def _match_fnmatch(event_tag: str, search_tag: str) -> bool:
+    import fnmatch
+    return fnmatch.fnmatch(event_tag, search_tag)
+
+
+_MATCHERS = {
+    "startswith": _match_startswith,
+    "endswith": _match_endswith,
+    "find": _match_find,
+    "regex": _match_regex,
+    "fnmatch": _match_fnmatch,
+}
+
+
+def _get_matcher(match_type: str) -> Callable[[str, str], bool]:
+    try:
+        return _MATCHERS[match_type]
+    except (KeyError, TypeError):
+        raise ValueError(f"match_type must be one of {sorted(_MATCHERS)}, not {match_type!r}") from None
+
+
+def tagify(suffix: Any = "", prefix: str = "", base: str = SALT) -> str:
+    """Return a tag: *base*, ``TAGS[prefix]`` (or *prefix*) and *suffix* joined by ``/``.
+
+    *suffix* is a string or a list of parts; empty parts are left out (as Salt does).
+    """
+    parts = [base, TAGS.get(prefix, prefix)]
+    if hasattr(suffix, "append"):
+        parts.extend(suffix)
+    else:
+        parts.append(suffix)
+    return TAGPARTER.join(str(part) for part in parts if part)
+
+
+# -- Socket helpers: paths, peers, election -----------------------------------
+
+
+class _Bus(tuple):
+    """Where one bus lives: (path, lock_path, name)."""
+
+    __slots__ = ()
+
+    def __new__(cls, sock_dir: str, name: str):
+        path = os.path.join(sock_dir, _SOCK_PREFIX + name + _SOCK_SUFFIX)
+        lock_path = os.path.join(sock_dir, _SOCK_PREFIX + name + _LOCK_SUFFIX)
+        return tuple.__new__(cls, (path, lock_path, name))
+
+    path = property(lambda self: self[0])
+    lock_path = property(lambda self: self[1])
+    name = property(lambda self: self[2])
+
+
+def _bus_name(node: str, opts: Mapping) -> str:
+    """Return the bus name of *node*: ``master``, or ``minion-<10 hex of the id hash>``."""
+    if node == "master":
+        return "master"
+    import hashlib
+    hash_type = opts.get("hash_type") or "sha256"
+    hasher = getattr(hashlib, hash_type, None)
+    if not callable(hasher):
+        raise ValueError(f"unknown hash_type {hash_type!r}")
+    minion_id = opts.get("hash_id")
+    if not isinstance(minion_id, str) or not minion_id:
+        minion_id = opts.get("id") or socket.gethostname()
+    return "minion-" + hasher(str(minion_id).encode()).hexdigest()[:10]
+
+
+def _private_sock_dir() -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+        return os.path.join(runtime, "saltevent")
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), f"saltevent-{os.getuid()}")
+
+
+def _resolve_sock_dir(sock_dir: str | None, node: str) -> str:
+    """Return the sock_dir to use: the argument, $SALTEVENT_SOCK_DIR, Salt's, or a private one."""
+    if sock_dir:
+        return os.fspath(sock_dir)
+    env = os.environ.get(_ENV_SOCK_DIR)
+    if env:
+        log.debug("sock_dir %s (from $%s)", env, _ENV_SOCK_DIR)
+        return env
+    salt_dir = _SALT_SOCK_DIRS["master" if node == "master" else "minion"]
+    if os.path.isdir(salt_dir) and os.access(salt_dir, os.W_OK | os.X_OK):
+        log.info("sock_dir %s (Salt's default)", salt_dir)
+        return salt_dir
+    private = _private_sock_dir()
+    log.info("sock_dir %s (private: %s is not usable)", private, salt_dir)
+    return private
+
+
+def _ensure_sock_dir(sock_dir: str) -> None:
+    """Create *sock_dir* 0700 when missing; refuse a directory another user owns."""
+    try:
+        os.makedirs(sock_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise BusClosedError(sock_dir, f"cannot create sock_dir: {exc.strerror}") from exc
+    info = os.stat(sock_dir)
+    if not stat.S_ISDIR(info.st_mode):
+        raise BusClosedError(sock_dir, "sock_dir is not a directory")
+    if info.st_uid not in (os.getuid(), 0):
+        raise BusClosedError(sock_dir, f"sock_dir is owned by uid {info.st_uid}, not by us")
+
+
+def _peer_creds(sock: socket.socket) -> tuple:
+    """Return (pid, uid) of the peer; pid is 0 where the platform does not tell it."""
+    if hasattr(socket, "SO_PEERCRED"):
+        import struct
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", raw)
+        return pid, uid
+    if hasattr(os, "getpeereid"):  # not in the stdlib today; kept for platforms that add it
+        return 0, os.getpeereid(sock.fileno())[0]
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+        if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+            raise OSError(ctypes.get_errno(), "getpeereid failed")
+        return 0, uid.value
+    raise OSError(errno.ENOSYS, "cannot tell a unix socket peer's uid on this platform")
+
+
+def _connect(path: str) -> socket.socket:
+    """Return a non-blocking socket connected to *path*; OSError if nobody serves it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _wait_fd(sock: socket.socket, write: bool, timeout: float | None) -> bool:
+    """Wait until *sock* is readable (or writable); False on timeout."""
+    fd = sock.fileno()
+    if fd < 0:               # closed by another thread: let the caller's I/O say so
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return bool(poller.poll(ms))
+
+
+if not hasattr(select, "poll"):  # macOS builds without poll(): select() will do
+    def _wait_fd(sock, write, timeout):  # noqa: F811
+        fds = [sock]
+        ready = select.select([], fds, [], timeout) if write else select.select(fds, [], [], timeout)
+        return bool(ready[0] or ready[1])
+
+
+def _bind_or_connect(bus: _Bus, deadline: float | None) -> socket.socket:
+    """Return a socket connected to *bus*, electing this process its broker if none runs.
+
+    Race: processes that find no broker compete for ``flock(lock_path)``; the winner
+    unlinks a stale socket file, binds, and keeps the lock for the broker's life; the
+    losers retry the connect until the winner listens.  Only the lock holder unlinks,
+    so a live broker's socket is never removed.  Raises EventTimeout at *deadline*.
+    """
+    delay = 0.001
+    while True:
+        try:
+            return _connect(bus.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        except BlockingIOError:  # listen queue full: the broker is busy, not gone
+            pass
+        except OSError as exc:
+            raise BusClosedError(bus.path, f"cannot connect: {exc.strerror}") from exc
+        if _start_broker(bus):
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            raise EventTimeout(bus.path, None)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _elect(bus: _Bus) -> tuple | None:
+    """Take *bus*'s election lock and bind its socket; None if another process holds it.
+
+    Returns (listening socket, lock fd).  Runs the only ``os.unlink`` of a bus path.
+    """
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "saltevent needs fcntl.flock (a POSIX system)")
+    lock_fd = os.open(bus.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(bus.path)
+                log.debug("removed stale socket %s", bus.path)
+            except FileNotFoundError:
+                pass
+            sock.bind(bus.path)
+            os.chmod(bus.path, 0o600)
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+    except BaseException:
+        try:
+            os.close(lock_fd)
+        except OSError:
+            pass
+        raise
+    log.debug("elected broker of %s (pid %d)", bus.path, os.getpid())
+    return sock, lock_fd
+
+
+# -- Broker -------------------------------------------------------------------
+
+
+class _Peer:
+    """One connection as the broker sees it.  Used on the broker thread only."""
+
+    __slots__ = ("sock", "fd", "pid", "frames", "listener", "out", "out_bytes", "backlog",
+                 "notice", "dropped", "events_in", "events_out", "bytes_in", "bytes_out",
+                 "writing", "done", "last_in")
+
+    def __init__(self, sock: socket.socket, pid: int):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid = pid
+        self.frames = _FrameBuffer()
+        self.listener = False
+        self.out = collections.deque()   # [buffer, frames]; the head may be partly sent
+        self.out_bytes = 0               # bytes queued, not counting a drop notice
+        self.backlog = DEFAULT_BACKLOG_BYTES
+        self.notice = None               # [buffer, 0, count] of the pending drop notice
+        self.dropped = 0
+        self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
+        self.writing = False
+        self.done = False                # sent EOF during a hand-off
+        self.last_in = 0.0
+
+
+class Broker:
+    """Relay every event frame from any client to every listener of one bus.
+
+    The broker owns the listening socket and the election lock.  ``start()`` runs
+    ``_serve()`` on a daemon thread named ``saltevent-broker``; ``serve_forever()``
+    runs it on the calling thread.  ``close()`` hands off: it gives up the lock and
+    the socket so another process can take over, tells every client ``bye``,
+    delivers what it still holds, then closes.  Methods marked so run on the broker
+    thread; the others may be called from any thread.
+    """
+
+    def __init__(self, bus: _Bus, sock: socket.socket, lock_fd: int):
+        self.bus = bus
+        self._listen_sock = sock
+        self._lock_fd = lock_fd
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._peers: dict = {}
+        self._listeners: dict = {}
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = None
+        self._error = None
+        self._born = time.monotonic()
+        self._replay = collections.deque()   # [buffer, frames] kept for resuming listeners
+        self._replay_bytes = 0
+        self._replay_open = True
+        self._started_at = time.time()
+        self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
+        self._drops = 0
+        try:
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, None)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    # -- introspection (any thread)
+
+    @property
+    def address(self) -> str:
+        return self.bus.path
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def client_count(self) -> int:
+        return len(self._peers)
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        return f"<Broker path={self.bus.path} clients={len(self._peers)} {state}>"
+
+    # -- lifecycle (any thread)
+
+    def start(self) -> None:
+        """Run the broker on a daemon thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name="saltevent-broker",
+                                        daemon=True)
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        """Serve until close(); then hand off.  Runs on the broker thread."""
+        try:
+            self._serve()
+            self._handoff()
+        except BaseException as exc:
+            self._error = exc
+            log.exception("broker of %s stopped on an unexpected error", self.bus.path)
+        finally:
+            self._close_fds()
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Ask the broker to hand off and stop; do not wait."""
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Hand off and stop the broker; idempotent.
+
+        Raises RuntimeError if the thread does not stop within *timeout* seconds,
+        and re-raises an error that stopped the broker thread.
+        """
+        self.stop()
+        thread = self._thread
+        if thread is None:
+            self._close_fds()
+        elif thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                raise RuntimeError("broker thread did not stop")
+        error, self._error = self._error, None
+        if error is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise RuntimeError(f"broker of {self.bus.path} failed") from error
+
+    def _close_fds(self) -> None:
+        for peer in list(self._peers.values()):
+            peer.sock.close()
+        self._peers.clear()
+        self._listeners.clear()
+        sock, self._listen_sock = self._listen_sock, None
+        if sock is not None:
+            sock.close()
+        lock_fd, self._lock_fd = self._lock_fd, None
+        if lock_fd is not None:
+            os.close(lock_fd)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the loop (broker thread)
+
+    def _serve(self) -> None:
+        """Dispatch readiness until stop().  Runs on the broker thread."""
+        select_ = self._selector.select
+        dirty = set()
+        while not self._stopping.is_set():
+            timeout = None
+            if self._replay_open:
+                timeout = max(0.0, self._born + _REPLAY_SECONDS - time.monotonic())
+            ready = select_(timeout)
+            for key, mask in ready:
+                peer = key.data
+                if peer is None:
+                    self._accept()
+                elif peer is self._wake_r:
+                    self._drain_wake()
+                else:
+                    if mask & selectors.EVENT_READ and peer.fd in self._peers:
+                        self._on_readable(peer, dirty)
+                    if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
+                        dirty.add(peer)
+            if dirty:
+                for peer in dirty:
+                    if peer.fd in self._peers:
+                        self._flush(peer)
+                dirty.clear()
+            if self._replay_open and time.monotonic() - self._born > _REPLAY_SECONDS:
+                self._close_replay()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self) -> None:
+        """Accept pending connections; refuse other users.  Runs on the broker thread."""
+        while True:
+            try:
+                sock, _ = self._listen_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("broker of %s cannot accept: %s", self.bus.path, exc)
+                return
+            try:
+                pid, uid = _peer_creds(sock)
+            except OSError as exc:
+                log.warning("refused a client of %s: %s", self.bus.path, exc)
+                sock.close()
+                continue
+            if uid != os.getuid() and uid != 0:
+                log.warning("refused a client of %s: uid %d is not ours", self.bus.path, uid)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            peer = _Peer(sock, pid)
+            self._peers[peer.fd] = peer
+            self._selector.register(sock, selectors.EVENT_READ, peer)
+            log.debug("client connected to %s (pid %d)", self.bus.path, pid)
+
+    def _on_readable(self, peer: _Peer, dirty: set) -> None:
+        """Read what *peer* sent and relay it.  Runs on the broker thread."""
+        try:
+            chunk = peer.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(peer, f"read failed: {exc}")
+            return
+        if not chunk:
+            if peer.frames.pending:
+                log.warning("client of %s closed mid-frame; dropped %d bytes",
+                            self.bus.path, peer.frames.pending)
+            if self._stopping.is_set() and peer.listener:
+                peer.done = True           # acknowledged the hand-off; still reading
+                self._watch(peer)
+            else:
+                self._drop(peer, "")
+            return
+        peer.last_in = time.monotonic()
+        try:
+            block = peer.frames.feed(chunk)
+            if not block:
+                return
+            objs = _decode(block)
+        except FrameError as exc:
+            self._drop(peer, str(exc))
+            return
+        nframes = len(objs)
+        for obj in objs:
+            if not _is_event(obj):
+                block, nframes = self._split_control(peer, block, objs, dirty)
+                if peer.fd not in self._peers:
+                    return
+                break
+        if nframes:
+            peer.events_in += nframes
+            peer.bytes_in += len(block)
+            self._publish(block, nframes, dirty)
+
+    def _split_control(self, peer: _Peer, block: bytes, objs: list, dirty: set) -> tuple:
+        """Handle control frames in *block*; return the event frames left and their count."""
+        lines = block.split(b"\n")[:-1]
+        events = []
+        for line, obj in zip(lines, objs):
+            if _is_event(obj):
+                events.append(line)
+            elif obj.__class__ is dict and obj.get("ctl").__class__ is str:
+                self._control(peer, obj, dirty)
+            else:
+                self._drop(peer, f"not an event or control frame: {line[:60]!r}")
+                return b"", 0
+        if not events:
+            return b"", 0
+        events.append(b"")
+        return b"\n".join(events), len(events) - 1
+
+    def _control(self, peer: _Peer, msg: dict, dirty: set) -> None:
+        """Answer one control frame.  Runs on the broker thread."""
+        ctl = msg["ctl"]
+        if ctl == "sub":
+            backlog = msg.get("backlog")
+            if isinstance(backlog, int) and backlog > 0:
+                peer.backlog = backlog
+            gap = False
+            replay = ()
+            if msg.get("resume"):
+                if self._replay_open:
+                    replay = list(self._replay)
+                else:
+                    gap = True
+            self._enqueue(peer, _encode({"ctl": "ok", "gap": gap, "pid": os.getpid()}), 0)
+            for buffer, nframes in replay:
+                self._enqueue(peer, buffer, nframes)
+            peer.listener = True
+            self._listeners[peer.fd] = peer
+            dirty.add(peer)
+            log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
+        elif ctl == "stats":
+            self._enqueue(peer, _encode({"ctl": "stats", "stats": self.stats()}), 0)
+            dirty.add(peer)
+        else:
+            log.warning("client of %s sent unknown control %r; ignored", self.bus.path, ctl)
+
+    def _publish(self, block: bytes, nframes: int, dirty: set) -> None:
+        """Queue *block* for every listener.  Runs on the broker thread."""
+        self.events_in += nframes
+        self.bytes_in += len(block)
+        for peer in self._listeners.values():
+            self._enqueue(peer, block, nframes)
+            dirty.add(peer)
+        if self._replay_open:
+            self._replay.append((block, nframes))
+            self._replay_bytes += len(block)
+            if self._replay_bytes > DEFAULT_BACKLOG_BYTES:
+                self._close_replay()
+
+    def _close_replay(self) -> None:
+        self._replay_open = False
+        self._replay.clear()
+        self._replay_bytes = 0
+
+    def _enqueue(self, peer: _Peer, buffer: bytes, nframes: int) -> None:
+        """Queue *buffer* for *peer*, dropping its oldest events past its backlog.
+
+        The head may be partly sent and is never dropped, nor are control frames;
+        the dropped events are replaced by one ``drop`` notice where they were.
+        """
+        out = peer.out
+        out.append([buffer, nframes])
+        peer.out_bytes += len(buffer)
+        if peer.out_bytes <= peer.backlog or not nframes:
+            return
+        notice = peer.notice
+        reuse = len(out) > 1 and out[1] is notice
+        index = 2 if reuse else 1
+        lost = 0
+        while peer.out_bytes > peer.backlog and index < len(out) - 1:
+            victim = out[index]
+            if not victim[1]:
+                index += 1
+                continue
+            del out[index]
+            peer.out_bytes -= len(victim[0])
+            lost += victim[1]
+        if not lost:
+            return
+        peer.dropped += lost
+        self._drops += lost
+        if not reuse:
+            notice = peer.notice = [b"", 0, 0]
+            out.insert(1, notice)
+        notice[2] += lost
+        size = len(notice[0])
+        notice[0] = _encode({"ctl": "drop", "n": notice[2]})
+        peer.out_bytes += len(notice[0]) - size
+        log.warning("listener of %s (pid %d) fell %d bytes behind; dropped %d oldest events",
+                    self.bus.path, peer.pid, peer.out_bytes, lost)
+
+    def _flush(self, peer: _Peer) -> None:
+        """Send what *peer* has queued, without blocking.  Runs on the broker thread."""
+        out = peer.out
+        sock = peer.sock
+        while out:
+            if len(out) == 1:
+                bufs = [out[0][0]]
+            else:
+                bufs = [item[0] for item in itertools.islice(out, _IOV_MAX)]
+            try:
+                sent = sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                self._drop(peer, "")       # the client closed first: nothing to report
+                return
+            except OSError as exc:
+                self._drop(peer, f"write failed: {exc}")
+                return
+            peer.bytes_out += sent
+            self.bytes_out += sent
+            while sent:
+                item = out[0]
+                size = len(item[0])
+                if sent >= size:
+                    sent -= size
+                    out.popleft()
+                    peer.out_bytes -= size
+                    peer.events_out += item[1]
+                    self.events_out += item[1]
+                    if item is peer.notice:
+                        peer.notice = None
+                else:
+                    item[0] = memoryview(item[0])[sent:]
+                    peer.out_bytes -= sent
+                    sent = 0
+        if bool(out) != peer.writing:
+            self._watch(peer)
+
+    def _watch(self, peer: _Peer) -> None:
+        """Select *peer* for reading unless it is done, and for writing while it has output."""
+        peer.writing = bool(peer.out)
+        events = (0 if peer.done else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if peer.writing else 0)
+        registered = peer.sock in self._selector.get_map()
+        if not events:
+            if registered:
+                self._selector.unregister(peer.sock)
+        elif registered:
+            self._selector.modify(peer.sock, events, peer)
+        else:
+            self._selector.register(peer.sock, events, peer)
+
+    def _drop(self, peer: _Peer, reason: str) -> None:
+        """Close *peer*; log *reason* when it is an error.  Runs on the broker thread."""
+        if self._peers.pop(peer.fd, None) is None:
+            return
+        self._listeners.pop(peer.fd, None)
+        if reason:
+            log.warning("dropped a client of %s (pid %d): %s", self.bus.path, peer.pid, reason)
+        else:
+            log.debug("client of %s closed (pid %d)", self.bus.path, peer.pid)
+        try:
+            self._selector.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+
+    def _handoff(self) -> None:
+        """Give up the bus, tell every client, deliver what is held, close.
+
+        The lock and the listening socket go first, so a new broker can be elected
+        at once.  Clients get ``bye``; firers move to the new broker, listeners
+        half-close and read on.  Frames still arriving are relayed until every
+        client is done or quiet for ``_HANDOFF_QUIET``, output is flushed (at most
+        ``_HANDOFF_TIMEOUT`` in all), then every connection is closed.  Runs on the
+        broker thread.
+        """
+        sock, self._listen_sock = self._listen_sock, None
+        self._selector.unregister(sock)
+        sock.close()
+        lock_fd, self._lock_fd = self._lock_fd, None
+        os.close(lock_fd)                  # releases the flock: another process may take over
+        bye = _encode({"ctl": "bye"})
+        dirty = set()
+        now = time.monotonic()
+        for peer in list(self._peers.values()):
+            self._enqueue(peer, bye, 0)
+            peer.last_in = now
+            dirty.add(peer)
+        deadline = now + _HANDOFF_TIMEOUT
+        while self._peers:
+            for peer in dirty:
+                if peer.fd in self._peers:
+                    self._flush(peer)
+            dirty.clear()
+            now = time.monotonic()
+            quiet_at = max((p.last_in for p in self._peers.values() if not p.done),
+                           default=now - _HANDOFF_QUIET) + _HANDOFF_QUIET
+            flushed = not any(p.out for p in self._peers.values())
+            if (now >= quiet_at and flushed) or now >= deadline:
+                break
+            wait = min(deadline, quiet_at if quiet_at > now else deadline) - now
+            for key, mask in self._selector.select(wait):
+                peer = key.data
+                if peer is self._wake_r:
+                    self._drain_wake()
+                    continue
+                if mask & selectors.EVENT_READ and peer.fd in self._peers:
+                    self._on_readable(peer, dirty)
+                if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
+                    dirty.add(peer)
+        log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
+        for peer in list(self._peers.values()):
+            self._drop(peer, "")
+
+    def stats(self) -> dict:
+        """Return the broker's counters (a snapshot; read on the broker thread)."""
+        listeners = []
+        for peer in self._listeners.values():
+            listeners.append({
+                "pid": peer.pid, "events_out": peer.events_out, "bytes_out": peer.bytes_out,
+                "queued_bytes": peer.out_bytes, "dropped": peer.dropped, "backlog": peer.backlog,
+            })
+        return {
+            "bus": self.bus.path, "pid": os.getpid(), "uptime": time.time() - self._started_at,
+            "clients": len(self._peers), "listeners": len(self._listeners),
+            "events_in": self.events_in, "events_out": self.events_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "dropped": self._drops, "per_listener": listeners,
+        }
+
+
+# Brokers this process runs, and how many live event objects use each bus here.
+_registry_lock = threading.Lock()
+_brokers: dict = {}
+_users: dict = {}
+
+
+def _start_broker(bus: _Bus) -> bool:
+    """Run *bus*'s broker in this process if no process does; True if one runs here now."""
+    with _registry_lock:
+        broker = _brokers.get(bus.path)
+        if broker is not None and broker.is_running and not broker._stopping.is_set():
+            return True
+        elected = _elect(bus)
+        if elected is None:
+            return False
+        broker = Broker(bus, *elected)
+        broker.start()
+        _brokers[bus.path] = broker
+        return True
+
+
+def _attach(bus: _Bus) -> None:
+    with _registry_lock:
+        _users[bus.path] = _users.get(bus.path, 0) + 1
+
+
+def _detach(bus: _Bus, wait: bool = True) -> None:
+    """Forget one user of *bus*; hand off the broker here when it was the last."""
+    with _registry_lock:
+        count = _users.get(bus.path, 0) - 1
+        if count > 0:
+            _users[bus.path] = count
+            return
+        _users.pop(bus.path, None)
+        broker = _brokers.pop(bus.path, None)
+    if broker is not None:
+        if wait:
+            broker.close()
+        else:
+            broker.stop()
+
+
+@atexit.register
+def _stop_brokers() -> None:
+    with _registry_lock:
+        brokers = list(_brokers.values())
+        _brokers.clear()
+    for broker in brokers:
+        try:
+            broker.close()
+        except RuntimeError as exc:
+            log.warning("%s", exc)
+
+
+def _forget_brokers_after_fork() -> None:
+    """In a forked child, forget the parent's brokers without touching their peers."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for broker in _brokers.values():
+        broker._thread = None
+        broker._close_fds()
+    _brokers.clear()
+    _users.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_brokers_after_fork)
+
+
+# -- Client classes -----------------------------------------------------------
+
+
+class _Conn:
+    """One client connection: framing, control frames and hand-off, no policy.
+
+    Shared by the sync API and the asyncio face.  Not thread-safe.
+    """
+
+    __slots__ = ("sock", "frames", "bye", "eof", "gap", "dropped", "broker_pid")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.frames = _FrameBuffer()
+        self.bye = False          # the broker announced a hand-off
+        self.eof = False          # the broker closed the connection
+        self.gap = False          # events may have been missed
+        self.dropped = 0          # events the broker dropped for us, not yet counted
+        self.broker_pid = 0
+
+    def feed(self, chunk: bytes, events: collections.deque) -> list:
+        """Decode *chunk*; append events to *events*; return control frames."""
+        if not chunk:
+            self.eof = True
+            if not self.bye:
+                self.gap = True
+            return []
+        try:
+            block = self.frames.feed(chunk)
+        except FrameError as exc:
+            log.warning("skipping an oversized frame from the broker: %s", exc)
+            return []
+        if not block:
+            return []
+        controls = []
+        for obj in _decode_lenient(block):
+            if obj.__class__ is dict and "ctl" not in obj:
+                events.append(obj)
+                continue
+            ctl = obj.get("ctl") if obj.__class__ is dict else None
+            if ctl == "drop":
+                self.dropped += int(obj.get("n", 0))
+            elif ctl == "bye":
+                self.bye = True
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)   # tells the broker we are done
+                except OSError:
+                    pass
+            else:
+                controls.append(obj)
+        return controls
+
+    def recv_into(self, events: collections.deque) -> list:
+        """Read once without blocking; return control frames (BlockingIOError if none)."""
+        try:
+            chunk = self.sock.recv(_RECV_BYTES)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        return self.feed(chunk, events)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class SaltEvent:
+    """Listen to and fire events on one bus, with ``salt.utils.event.SaltEvent``'s API.
+
+    *node* ``'master'`` is the master bus of *sock_dir*; any other node is the minion
+    bus of ``opts['id']`` there.  With *listen* the object registers as a listener
+    before the constructor returns, so it sees every event fired after that.
+
+    A SaltEvent is not thread-safe: use one per thread.  ``fire_event`` and
+    ``destroy`` may be called from any thread; ``destroy`` ends a blocked
+    ``get_event`` or ``iter_events`` in another thread.  Do not share one across
+    ``fork()``.
+
+    :ivar dropped: events the broker dropped because this listener fell behind.
+    :ivar gaps: hand-offs after which events may have been missed.
+    """
+
+    def __init__(self, node: str, sock_dir: str | None = None, opts: Mapping | None = None,
+                 listen: bool = True, io_loop: Any = None, keep_loop: bool = False,
+                 raise_errors: bool = False):
+        self._attached = None
+        self._pub = None
+        self._pull = None
+        self._closed = True                    # until the bus is attached below
+        self._lock = threading.Lock()          # guards the firing connection
+        self.node = node
+        self.opts = dict(_DEFAULT_OPTS)
+        if opts:
+            self.opts.update(opts)
+        self.raise_errors = raise_errors
+        self.io_loop = io_loop
+        self.keep_loop = keep_loop
+        self.pending_tags = []
+        self.pending_events = []
+        self.dropped = 0
+        self.gaps = 0
+        self._events = collections.deque()
+        self._bye_checked = 0.0
+        self._match_type = self.opts.get("event_match_type") or "startswith"
+        _get_matcher(self._match_type)
+        self._max_event_size = self.opts.get("max_event_size") or 0
+        self._backlog = int(self.opts.get("saltevent_backlog_bytes") or DEFAULT_BACKLOG_BYTES)
+        self.sock_dir = _resolve_sock_dir(sock_dir or self.opts.get("sock_dir"), node)
+        self._bus = _Bus(self.sock_dir, _bus_name(node, self.opts))
+        self.puburi = self.pulluri = self._bus.path
+        if len(self._bus.path.encode()) > 100:
+            raise ValueError(f"socket path too long for AF_UNIX ({len(self._bus.path)} bytes): "
+                             f"{self._bus.path}")
+        _ensure_sock_dir(self.sock_dir)
+        _attach(self._bus)
+        self._attached = self._bus
+        self._closed = False
+        try:
+            if io_loop is not None:
+                self._init_async(io_loop)
+            if listen:
+                self.connect_pub(timeout=_CONNECT_TIMEOUT)
+        except BaseException:
+            self.destroy()
+            raise
+
+    # -- state derived from the connections (Salt's cpub / cpush flags)
+
+    @property
+    def cpub(self) -> bool:
+        """True while the listening side is connected."""
+        return self._pub is not None
+
+    @property
+    def cpush(self) -> bool:
+        """True while the firing side is connected."""
+        return self._pull is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("listening" if self._pub else "idle")
+        return f"<{type(self).__name__} bus={self._bus.path} {state}>"
+
+    # -- connections
+
+    def connect_pub(self, timeout: float | None = None) -> bool:
+        """Connect the listening side and register with the broker.
+
+        Returns True once the broker has registered this listener, False if no bus
+        could be reached within *timeout* seconds (None: wait as long as it takes).
+        With ``raise_errors`` a failure raises instead.
+        """
+        if self._closed:
+            raise BusClosedError(self._bus.path, "the event object is closed")
+        if self._pub is not None:
+            return True
+        try:
+            self._pub = self._subscribe(timeout, resume=False)
+        except (SaltEventError, OSError) as exc:
+            if self.raise_errors:
+                raise
+            log.warning("cannot listen on %s: %s", self._bus.path, exc)
+            return False
+        return True
+
+    def _subscribe(self, timeout: float | None, resume: bool) -> _Conn:
+        """Return a connection registered as a listener (``resume`` after a hand-off).
+
+        A connection closed before the broker's ``ok`` (it landed in a dying broker's
+        listen queue) is retried until *timeout*.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        hello = _encode({"ctl": "sub", "backlog": self._backlog, "resume": resume})
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            conn = _Conn(_bind_or_connect(self._bus, deadline))
+            try:
+                conn.sock.sendall(hello)
+                if self._await_ok(conn, deadline, timeout):
+                    return conn
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except BaseException:
+                conn.close()
+                raise
+            conn.close()
+            log.debug("broker of %s closed before registering us; retrying", self._bus.path)
+            if remaining is not None and deadline - time.monotonic() <= 0:
+                raise EventTimeout(self._bus.path, timeout)
+            time.sleep(0.001)
+
+    def _await_ok(self, conn: _Conn, deadline: float | None, timeout: float | None) -> bool:
+        """Wait for the broker's ``ok``; False if the connection ends first."""
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise EventTimeout(self._bus.path, timeout)
+            if not _wait_fd(conn.sock, False, remaining):
+                continue
+            try:
+                controls = conn.recv_into(self._events)
+            except BlockingIOError:
+                continue
+            for msg in controls:
+                if msg.get("ctl") == "ok":
+                    conn.broker_pid = msg.get("pid", 0)
+                    if msg.get("gap"):
+                        self._note_gap("the new broker no longer holds the events")
+                    return True
+            if conn.eof or conn.bye:
+                return False
+
+    def close_pub(self) -> None:
+        """Close the listening side; cached events stay."""
+        conn, self._pub = self._pub, None
+        if conn is not None:
+            self._remove_reader(conn)
+            conn.close()
+
+    def connect_pull(self, timeout: float | None = 1) -> bool:
+        """Connect the firing side; True on success, False after *timeout* seconds."""
+        if self._closed:
+            raise BusClosedError(self._bus.path, "the event object is closed")
+        with self._lock:
+            try:
+                self._connect_pull(timeout)
+            except (SaltEventError, OSError) as exc:
+                if self.raise_errors:
+                    raise
+                log.warning("cannot fire on %s: %s", self._bus.path, exc)
+                return False
+            return True
+
+    def _connect_pull(self, timeout: float | None) -> _Conn:
+        conn = self._pull
+        if conn is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            conn = self._pull = _Conn(_bind_or_connect(self._bus, deadline))
+            self._bye_checked = time.monotonic()
+        return conn
+
+    def close_pull(self) -> None:
+        """Close the firing side."""
+        with self._lock:
+            conn, self._pull = self._pull, None
+        if conn is not None:
+            conn.close()
+
+    def destroy(self) -> None:
+        """Close everything; idempotent.  A blocked get_event() in another thread returns."""
+        if self._closed:
+            return
+        self._closed = True
+        self.close_pub()
+        self.close_pull()
+        self._close_async()
+        bus, self._attached = self._attached, None
+        if bus is not None:
+            _detach(bus)
+
+    close = destroy
+
+    def __enter__(self) -> SaltEvent:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.destroy()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+        self._closed = True
+        for conn in (self._pub, self._pull):
+            if conn is not None:
+                conn.sock.close()
+        bus, self._attached = self._attached, None
+        if bus is not None:
+            _detach(bus, wait=False)
+
+    # -- listening
+
+    def _note_gap(self, why: str) -> None:
+        self.gaps += 1
+        log.warning("listener on %s may have missed events: %s", self._bus.path, why)
+
+    def _account(self, conn: _Conn) -> None:
+        if conn.dropped:
+            lost, conn.dropped = conn.dropped, 0
+            self.dropped += lost
+            log.warning("listener on %s fell behind: the broker dropped %d events",
+                        self._bus.path, lost)
+
+    def _resume(self, deadline: float | None) -> None:
+        """Replace a finished listening connection (hand-off or crash)."""
+        conn = self._pub
+        if conn.gap:
+            self._note_gap("the broker's process died")
+        self.close_pub()
+        timeout = _RECONNECT_TIMEOUT
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic())) or 0.001
+        self._pub = self._subscribe(timeout, resume=True)
+        log.debug("listener on %s resumed after a hand-off", self._bus.path)
+
+    def _fill(self, deadline: float | None, auto_reconnect: bool) -> bool:
+        """Read one batch of events into the queue; False at the deadline.
+
+        Raises BusClosedError if the bus is broken (and auto_reconnect gave up).
+        """
+        delay = 0.01
+        while True:
+            if self._closed:
+                return False
+            conn = self._pub
+            try:
+                if conn is None:
+                    if not self._connect_pub_until(deadline):
+                        return False
+                    continue
+                if conn.eof:
+                    self._resume(deadline)
+                    continue
+                try:
+                    conn.recv_into(self._events)
+                except BlockingIOError:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    _wait_fd(conn.sock, False, remaining)
+                    continue
+                self._account(conn)
+                if self._events:
+                    return True
+            except (SaltEventError, OSError) as exc:
+                if self._closed:
+                    return False
+                if not auto_reconnect:
+                    raise BusClosedError(self._bus.path, str(exc)) from exc
+                self.close_pub()
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    def _connect_pub_until(self, deadline: float | None) -> bool:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            return False
+        self._pub = self._subscribe(timeout, resume=False)
+        return True
+
+    def _next_event(self, deadline: float | None, auto_reconnect: bool) -> dict | None:
+        """Return the next raw event, or None at the deadline (or when closed)."""
+        events = self._events
+        if events:
+            return events.popleft()
+        if self._fill(deadline, auto_reconnect):
+            return events.popleft()
+        return None
+
+    def _check_pending(self, tag: str, match: Callable) -> dict | None:
+        """Return the first cached event matching *tag*; drop unsubscribed ones."""
+        if not self.pending_events:
+            return None
+        old, self.pending_events = self.pending_events, []
+        found = None
+        for event in old:
+            if found is None and match(event["tag"], tag):
+                found = event
+            elif any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags):
+                self.pending_events.append(event)
+        return found
+
+    def _get_event(self, timeout: float | None, tag: str, match: Callable,
+                   auto_reconnect: bool) -> dict | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending_tags = self.pending_tags
+        while True:
+            try:
+                event = self._next_event(deadline, auto_reconnect)
+            except BusClosedError as exc:
+                if self.raise_errors:
+                    raise
+                log.warning("%s", exc)
+                return None
+            if event is None:
+                return None
+            etag = event["tag"]
+            if match(etag, tag):
+                return event
+            if pending_tags and any(pmatch(etag, ptag) for ptag, pmatch in pending_tags):
+                self.pending_events.append(event)
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def get_event(self, wait: float = 5, tag: str = "", full: bool = False,
+                  match_type: str | None = None, no_block: bool = False,
+                  auto_reconnect: bool = False) -> dict | None:
+        """Return the data of the next event whose tag matches *tag*, or None.
+
+        :param wait: seconds to wait, a hard deadline however busy the bus is;
+            ``0`` waits for ever (Salt's meaning).
+        :param tag: what to match event tags against, with *match_type*
+            (``startswith`` by default, or ``opts['event_match_type']``).
+        :param full: return ``{'tag': ..., 'data': ...}`` instead of the data.
+        :param no_block: return at once if no matching event is already here.
+        :param auto_reconnect: when the bus is broken, keep reconnecting until *wait*
+            runs out instead of returning None.
+        :raises BusClosedError: on a broken bus with ``raise_errors``.
+        :raises ValueError: for an unknown *match_type*.
+        """
+        match = _get_matcher(match_type or self._match_type)
+        if no_block:
+            timeout = 0.0
+        elif wait == 0 or wait is None:
+            timeout = None
+        else:
+            timeout = float(wait)
+        event = self._check_pending(tag, match)
+        if event is None:
+            event = self._get_event(timeout, tag, match, auto_reconnect)
+        if event is None or full:
+            return event
+        return event["data"]
+
+    def iter_events(self, tag: str = "", full: bool = False, match_type: str | None = None,
+                    auto_reconnect: bool = False) -> Iterator[dict]:
+        """Yield matching events for ever; the iterator ends when the object is closed."""
+        while not self._closed:
+            data = self.get_event(wait=0, tag=tag, full=full, match_type=match_type,
+                                  auto_reconnect=True)
+            if data is not None:
+                yield data
+
+    def get_event_noblock(self) -> dict | None:
+        """Return the next raw event ``{'data', 'tag'}`` if one is here, else None."""
+        try:
+            return self._next_event(time.monotonic(), False)
+        except BusClosedError:
+            if self.raise_errors:
+                raise
+            return None
+
+    def get_event_block(self) -> dict | None:
+        """Return the next raw event ``{'data', 'tag'}``, waiting as long as it takes."""
+        try:
+            return self._next_event(None, False)
+        except BusClosedError:
+            if self.raise_errors:
+                raise
+            return None
+
+    def subscribe(self, tag: str | None = None, match_type: str | None = None) -> None:
+        """Keep events whose tag matches *tag* for a later get_event()."""
+        if tag is None:
+            return
+        self.pending_tags.append([tag, _get_matcher(match_type or self._match_type)])
+
+    def unsubscribe(self, tag: str | None, match_type: str | None = None) -> None:
+        """Stop keeping *tag*'s events; drop cached events no subscription still wants."""
+        if tag is None:
+            return
+        entry = [tag, _get_matcher(match_type or self._match_type)]
+        try:
+            self.pending_tags.remove(entry)
+        except ValueError:
+            return
+        self.pending_events = [
+            event for event in self.pending_events
+            if any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags)
+        ]
+
+    # -- firing
+
+    @classmethod
+    def pack(cls, tag: str, data: Any, max_size: int | None = None) -> bytes:
+        """Return the wire frame of one event; with *max_size*, trim *data* as Salt does."""
+        if max_size and isinstance(data, dict):
+            frame = _encode_event(tag, data)
+            if len(frame) > max_size:
+                data = dict(data)
+                _trim(data, max_size)
+        return _encode_event(tag, data)
+
+    @classmethod
+    def unpack(cls, raw: bytes | str) -> tuple:
+        """Return ``(tag, data)`` from one frame made by pack()."""
+        if isinstance(raw, str):
+            raw = raw.encode()
+        obj = _decode_one(raw.rstrip(b"\n"))
+        if obj.__class__ is not dict or "tag" not in obj:
+            raise FrameError("frame is not an event", raw)
+        return obj["tag"], obj.get("data")
+
+    def _frame(self, data: Mapping, tag: str) -> bytes:
+        """Validate, stamp, trim and encode one event (the caller's dict is not changed)."""
+        if not isinstance(tag, str):
+            raise TypeError(f"tag must be a str, not {type(tag).__name__}")
+        if not tag:
+            raise ValueError("Empty tag.")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"Dict object expected, not {data!r}.")
+        data = dict(data)
+        data["_stamp"] = _stamp()
+        frame = _encode_event(tag, data)
+        limit = self._max_event_size
+        if limit and len(frame) - len(tag) > limit:
+            trimmed = _trim(data, limit)
+            log.warning("event %s is over max_event_size (%d bytes): trimmed %s",
+                        tag, limit, ", ".join(map(str, trimmed)) or "nothing")
+            frame = _encode_event(tag, data)
+        if len(frame) > MAX_FRAME_BYTES:
+            raise ValueError(f"event {tag!r} is {len(frame)} bytes; the bus carries at most "
+                             f"{MAX_FRAME_BYTES}")
+        return frame
+
+    def _send(self, frame: bytes, timeout: float | None) -> bool:
+        """Send one frame, retrying once on a new broker after a hand-off.
+
+        Returns False (or raises with raise_errors) if it cannot within *timeout*.
+        """
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        with self._lock:
+            try:
+                self._send_locked(frame, deadline, timeout)
+                return True
+            except (SaltEventError, OSError) as exc:
+                if self.raise_errors:
+                    raise
+                log.warning("event not sent on %s: %s", self._bus.path, exc)
+                return False
+
+    def _send_locked(self, frame: bytes, deadline: float | None, timeout: float | None) -> None:
+        attempts = 0
+        while True:
+            if self._closed:
+                raise BusClosedError(self._bus.path, "the event object is closed")
+            conn = self._pull
+            if conn is None:
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.05)
+                conn = self._connect_pull(remaining)
+            now = time.monotonic()
+            if now - self._bye_checked >= _BYE_CHECK_INTERVAL:
+                self._bye_checked = now
+                if self._handed_off(conn):
+                    self._drop_pull(conn)
+                    continue
+            sock = conn.sock
+            try:
+                sent = sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
+                self._drop_pull(conn)      # the broker went away: retry on the next one
+                attempts += 1
+                if attempts > 3:
+                    if deadline is None or time.monotonic() >= deadline:
+                        raise BusClosedError(self._bus.path,
+                                             "the broker keeps closing the connection") from None
+                    time.sleep(0.01)
+                continue
+            if sent == len(frame):
+                return
+            view = memoryview(frame)[sent:]
+            while view:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if (remaining is not None and remaining <= 0) or not _wait_fd(sock, True, remaining):
+                    self._drop_pull(conn)   # the broker discards the unfinished frame
+                    raise EventTimeout(self._bus.path, timeout)
+                try:
+                    view = view[sock.send(view):]
+                except BlockingIOError:
+                    pass
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    self._drop_pull(conn)
+                    raise BusClosedError(self._bus.path, "the broker went away mid-event") from exc
+            return
+
+    def _handed_off(self, conn: _Conn) -> bool:
+        """Return True if the broker said bye (or went away) on the firing side."""
+        try:
+            while True:
+                chunk = conn.sock.recv(_RECV_BYTES)
+                conn.feed(chunk, collections.deque())
+                if not chunk or conn.bye:
+                    return True
+        except BlockingIOError:
+            return conn.bye
+        except OSError:
+            return True
+
+    def _drop_pull(self, conn: _Conn) -> None:
+        if self._pull is conn:
+            self._pull = None
+        conn.close()
+
+    def fire_event(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
+        """Fire *data* under *tag* on this bus.
+
+        :param timeout: milliseconds to wait for the bus (Salt's unit); None waits.
+        :returns: True once the bus has the event, False if it could not be reached.
+        :raises ValueError: empty tag, data not a mapping, or an event too large.
+        :raises TypeError: a value JSON cannot carry (the message names its key).
+        """
+        frame = self._frame(data, tag)
+        return self._send(frame, None if timeout is None else timeout / 1000.0)
+
+    def fire_master(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
+        """Fire an event for the master: tag ``fire_master`` here, forwarded from a minion bus.
+
+        On a minion bus the event also reaches the master bus (``opts['master_sock_dir']``,
+        else this sock_dir) as the master sees a minion's event in Salt: under *tag*,
+        with data ``{'cmd': '_minion_event', 'id': <minion id>, 'data': data, 'tag': tag,
+        'pretag': None}``.
+        """
+        msg = {"tag": tag, "data": data, "events": None, "pretag": None}
+        ok = self.fire_event(msg, "fire_master", timeout)
+        if self.node != "master":
+            ok = self._forward_to_master(data, tag, timeout) and ok
+        return ok
+
+    def _forward_to_master(self, data: Mapping, tag: str, timeout: float | None) -> bool:
+        load = {"id": self.opts.get("id") or socket.gethostname(), "cmd": "_minion_event",
+                "pretag": None, "data": dict(data), "tag": tag}
+        master_dir = self.opts.get("master_sock_dir") or self.sock_dir
+        opts = {key: self.opts[key] for key in ("max_event_size", "hash_type") if key in self.opts}
+        with SaltEvent("master", master_dir, opts=opts, listen=False,
+                       raise_errors=self.raise_errors) as master:
+            return master.fire_event(load, tag, timeout)
+
+    def fire_ret_load(self, load: Mapping) -> None:
+        """Fire Salt's error events for a failed ``state.sls``/``state.highstate`` return."""
+        if not (load.get("retcode") and load.get("fun")):
+            return
+        funs = load["fun"]
+        if not isinstance(funs, list):
+            if funs in SUB_EVENT:
+                self._fire_ret_load_specific_fun(load)
+            return
+        retcodes = load["retcode"]
+        for index, fun in enumerate(funs):
+            if fun not in SUB_EVENT:
+                continue
+            if isinstance(retcodes, list):
+                failed = len(retcodes) > index and retcodes[index]
+            else:
+                failed = retcodes.get(fun, 0)
+            if failed:
+                self._fire_ret_load_specific_fun(load, index)
+
+    def _fire_ret_load_specific_fun(self, load: Mapping, fun_index: int = 0) -> None:
+        if isinstance(load["fun"], list):
+            fun = load["fun"][fun_index]
+            if isinstance(load["retcode"], list):
+                ret = load.get("return")
+                ret = ret[fun_index] if isinstance(ret, list) and len(ret) > fun_index else {}
+                retcode = load["retcode"][fun_index]
+            else:
+                ret = load.get("return", {}).get(fun, {})
+                retcode = load["retcode"][fun]
+        else:
+            fun = load["fun"]
+            ret = load.get("return", {})
+            retcode = load["retcode"]
+        if not isinstance(ret, Mapping):
+            log.error("cannot fire state error events: the return is a %s, not a dict",
+                      type(ret).__name__)
+            return
+        for state_tag, data in ret.items():
+            if not isinstance(data, dict):
+                continue
+            data["retcode"] = retcode
+            parts = state_tag.split("_|-")
+            if data.get("result") is False:
+                self.fire_event(data, f"{parts[0]}.{parts[-1]}")
+                data["jid"] = load.get("jid")
+                data["id"] = load.get("id")
+                data["success"] = False
+                data["return"] = f"Error: {parts[0]}.{parts[-1]}"
+                data["fun"] = fun
+                data["user"] = load.get("user")
+                self.fire_event(data, tagify([load.get("jid"), "sub", load.get("id"), "error", fun],
+                                             "job"))
+
+    # -- asyncio face (filled in by the asyncio section below)
+
+    def _init_async(self, io_loop: Any) -> None:
+        raise NotImplementedError("io_loop is not supported yet")
+
+    def _remove_reader(self, conn: _Conn) -> None:
+        pass
+
+    def _close_async(self) -> None:
+        pass
+
+
+class MasterEvent(SaltEvent):
+    """The master bus of *sock_dir*."""
+
+    def __init__(self, sock_dir: str | None, opts: Mapping | None = None, listen: bool = True,
+                 io_loop: Any = None, keep_loop: bool = False, raise_errors: bool = False):
+        super().__init__("master", sock_dir, opts, listen=listen, io_loop=io_loop,
+                         keep_loop=keep_loop, raise_errors=raise_errors)
+
+
+class LocalClientEvent(MasterEvent):
+    """The master bus, as Salt's LocalClient uses it (the same as MasterEvent)."""
+
+
+class MinionEvent(SaltEvent):
+    """The minion bus of ``opts['id']`` in ``opts['sock_dir']``."""
+
+    def __init__(self, opts: Mapping, listen: bool = True, io_loop: Any = None,
+                 raise_errors: bool = False):
+        super().__init__("minion", sock_dir=opts.get("sock_dir"), opts=opts, listen=listen,
+                         io_loop=io_loop, raise_errors=raise_errors)
+
+
+class NamespacedEvent:
+    """Fire events under a fixed tag base: ``tagify(tag, base=base)``."""
+
+    def __init__(self, event: SaltEvent, base: str, print_func: Callable | None = None):
+        self.event = event
+        self.base = base
+        self.print_func = print_func
+
+    def fire_event(self, data: Mapping, tag: str) -> bool:
+        """Fire *data* at ``tagify(tag, base=self.base)``; call print_func(tag, data)."""
+        ok = self.event.fire_event(data, tagify(tag, base=self.base))
+        if self.print_func is not None:
+            self.print_func(tag, data)
+        return ok
+
+    def destroy(self) -> None:
+        self.event.destroy()
+
+    def __enter__(self) -> NamespacedEvent:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.destroy()
+
+
+# -- Module-level functions ---------------------------------------------------
+
+
+def get_event(node: str, sock_dir: str | None = None, opts: Mapping | None = None,
+              listen: bool = True, io_loop: Any = None, keep_loop: bool = False,
+              raise_errors: bool = False) -> SaltEvent:
+    """Return a MasterEvent for node ``'master'``, else a SaltEvent for *node*."""
+    sock_dir = sock_dir or (opts or {}).get("sock_dir")
+    if node == "master":
+        return MasterEvent(sock_dir, opts, listen=listen, io_loop=io_loop, keep_loop=keep_loop,
+                           raise_errors=raise_errors)
+    return SaltEvent(node, sock_dir, opts, listen=listen, io_loop=io_loop, keep_loop=keep_loop,
+                     raise_errors=raise_errors)
+
+
+def get_master_event(opts: Mapping, sock_dir: str | None, listen: bool = True,
+                     io_loop: Any = None, raise_errors: bool = False,
+                     keep_loop: bool = False) -> MasterEvent:
+    """Return a MasterEvent for *sock_dir*."""
+    return MasterEvent(sock_dir, opts, listen=listen, io_loop=io_loop, raise_errors=raise_errors,
+                       keep_loop=keep_loop)
+
+
+def fire_args(opts: Mapping, jid: str, tag_data: Mapping, prefix: str = "") -> None:
+    """Fire *tag_data* at ``tagify([jid, 'args'], prefix)`` on the master bus; never raises."""
+    tag = tagify([jid, "args"], prefix)
+    try:
+        with get_master_event(opts, opts.get("sock_dir"), listen=False) as event:
+            event.fire_event(tag_data, tag)
+    except (SaltEventError, OSError, ValueError, TypeError) as exc:
+        log.warning("Failed to fire args event %s with data %s: %s", tag, tag_data, exc)
+
+
+# -- CLI ----------------------------------------------------------------------
+
+
+def main(argv: list | None = None) -> int:
+    """Run the command line; return the exit code."""
+    raise NotImplementedError
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.modules.setdefault("saltevent", sys.modules["__main__"])
+    sys.exit(main())
