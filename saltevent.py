@@ -486,32 +486,6 @@ if not hasattr(select, "poll"):  # macOS builds without poll(): select() will do
         return bool(ready[0] or ready[1])
 
 
-def _bind_or_connect(bus: _Bus, deadline: float | None) -> socket.socket:
-    """Return a socket connected to *bus*, electing this process its broker if none runs.
-
-    Race: processes that find no broker compete for ``flock(lock_path)``; the winner
-    unlinks a stale socket file, binds, and keeps the lock for the broker's life; the
-    losers retry the connect until the winner listens.  Only the lock holder unlinks,
-    so a live broker's socket is never removed.  Raises EventTimeout at *deadline*.
-    """
-    delay = 0.001
-    while True:
-        try:
-            return _connect(bus.path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
-        except BlockingIOError:  # listen queue full: the broker is busy, not gone
-            pass
-        except OSError as exc:
-            raise BusClosedError(bus.path, f"cannot connect: {exc.strerror}") from exc
-        if _start_broker(bus):
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            raise EventTimeout(bus.path, None)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-
-
 def _elect(bus: _Bus) -> tuple | None:
     """Take *bus*'s election lock and bind its socket; None if another process holds it.
 
@@ -1100,6 +1074,58 @@ if hasattr(os, "register_at_fork"):
 
 
 # -- Client classes -----------------------------------------------------------
+#
+# The client's I/O is written once, as generators of "steps": a step is a float
+# (sleep that many seconds) or ``(sock, write, timeout)`` (wait until the socket is
+# readable or writable; the generator is sent True, or False on timeout).  The
+# sync API runs them with _drive(); the asyncio face with _drive_async().
+
+
+def _drive(steps: Iterator) -> Any:
+    """Run a steps generator, blocking the calling thread; return its value."""
+    try:
+        step = next(steps)
+        while True:
+            if step.__class__ is float:
+                time.sleep(step)
+                step = steps.send(None)
+            else:
+                step = steps.send(_wait_fd(*step))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _connect_steps(bus: _Bus, deadline: float | None) -> Iterator:
+    """Return a socket connected to *bus*, electing this process its broker if none runs.
+
+    Race: processes that find no broker compete for ``flock(lock_path)``; the winner
+    unlinks a stale socket file, binds, and keeps the lock for the broker's life; the
+    losers retry the connect until the winner listens.  Only the lock holder unlinks,
+    so a live broker's socket is never removed.  Raises EventTimeout at *deadline*.
+    """
+    delay = 0.001
+    while True:
+        try:
+            return _connect(bus.path)
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+            pass          # nobody serves the path, or its listen queue is full
+        except OSError as exc:
+            raise BusClosedError(bus.path, f"cannot connect: {exc.strerror}") from exc
+        if _start_broker(bus):
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            raise EventTimeout(bus.path, None)
+        yield delay
+        delay = min(delay * 2, 0.02)
+
+
+def _bind_or_connect(bus: _Bus, deadline: float | None) -> socket.socket:
+    """Blocking form of _connect_steps()."""
+    return _drive(_connect_steps(bus, deadline))
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
 
 
 class _Conn:
@@ -1120,7 +1146,7 @@ class _Conn:
         self.broker_pid = 0
 
     def feed(self, chunk: bytes, events: collections.deque) -> list:
-        """Decode *chunk*; append events to *events*; return control frames."""
+        """Decode *chunk*; append events to *events*; return other control frames."""
         if not chunk:
             self.eof = True
             if not self.bye:
@@ -1159,6 +1185,17 @@ class _Conn:
             chunk = b""
         return self.feed(chunk, events)
 
+    def handed_off(self) -> bool:
+        """Return True if the broker said bye or went away (a firing connection)."""
+        try:
+            while not (self.eof or self.bye):
+                self.recv_into(collections.deque())
+        except BlockingIOError:
+            pass
+        except OSError:
+            return True
+        return self.eof or self.bye
+
     def close(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -1177,7 +1214,8 @@ class SaltEvent:
     A SaltEvent is not thread-safe: use one per thread.  ``fire_event`` and
     ``destroy`` may be called from any thread; ``destroy`` ends a blocked
     ``get_event`` or ``iter_events`` in another thread.  Do not share one across
-    ``fork()``.
+    ``fork()``.  With *io_loop* (an asyncio loop) the asyncio methods are available
+    too; they share this class's core (see the asyncio section).
 
     :ivar dropped: events the broker dropped because this listener fell behind.
     :ivar gaps: hand-offs after which events may have been missed.
@@ -1198,6 +1236,10 @@ class SaltEvent:
         self.raise_errors = raise_errors
         self.io_loop = io_loop
         self.keep_loop = keep_loop
+        self._own_loop = False
+        self._waiters = {}                     # asyncio futures waiting on our sockets
+        self._tasks = set()                    # asyncio tasks we started
+        self._handler = None
         self.pending_tags = []
         self.pending_events = []
         self.dropped = 0
@@ -1208,7 +1250,9 @@ class SaltEvent:
         _get_matcher(self._match_type)
         self._max_event_size = self.opts.get("max_event_size") or 0
         self._backlog = int(self.opts.get("saltevent_backlog_bytes") or DEFAULT_BACKLOG_BYTES)
-        self.sock_dir = _resolve_sock_dir(sock_dir or self.opts.get("sock_dir"), node)
+        given_dir = sock_dir or self.opts.get("sock_dir")
+        self._master_sock_dir = self.opts.get("master_sock_dir") or given_dir
+        self.sock_dir = _resolve_sock_dir(given_dir, node)
         self._bus = _Bus(self.sock_dir, _bus_name(node, self.opts))
         self.puburi = self.pulluri = self._bus.path
         if len(self._bus.path.encode()) > 100:
@@ -1219,8 +1263,6 @@ class SaltEvent:
         self._attached = self._bus
         self._closed = False
         try:
-            if io_loop is not None:
-                self._init_async(io_loop)
             if listen:
                 self.connect_pub(timeout=_CONNECT_TIMEOUT)
         except BaseException:
@@ -1247,7 +1289,172 @@ class SaltEvent:
         state = "closed" if self._closed else ("listening" if self._pub else "idle")
         return f"<{type(self).__name__} bus={self._bus.path} {state}>"
 
-    # -- connections
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosedError(self._bus.path, "the event object is closed")
+
+    # -- connections (steps shared by both faces)
+
+    def _subscribe_steps(self, deadline: float | None, resume: bool) -> Iterator:
+        """Return a connection registered as a listener (``resume`` after a hand-off).
+
+        A connection closed before the broker's ``ok`` (it landed in a dying broker's
+        listen queue) is retried until *deadline*.
+        """
+        hello = _encode({"ctl": "sub", "backlog": self._backlog, "resume": resume})
+        while True:
+            conn = _Conn((yield from _connect_steps(self._bus, deadline)))
+            try:
+                conn.sock.sendall(hello)
+                while not (conn.eof or conn.bye):
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0:
+                        raise EventTimeout(self._bus.path, None)
+                    if not (yield (conn.sock, False, remaining)):
+                        continue
+                    try:
+                        controls = conn.recv_into(self._events)
+                    except BlockingIOError:
+                        continue
+                    for msg in controls:
+                        if msg.get("ctl") == "ok":
+                            conn.broker_pid = msg.get("pid", 0)
+                            if msg.get("gap"):
+                                self._note_gap("the new broker no longer holds the events")
+                            return conn
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except BaseException:
+                conn.close()
+                raise
+            conn.close()
+            log.debug("broker of %s closed before registering us; retrying", self._bus.path)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise EventTimeout(self._bus.path, None)
+            yield 0.001
+
+    def _listen_steps(self, deadline: float | None, auto_reconnect: bool) -> Iterator:
+        """Read one batch of events into the queue; return False at the deadline.
+
+        Re-subscribes transparently after a hand-off (counting a gap after a crash).
+        Raises BusClosedError if the bus is broken (and auto_reconnect gave up).
+        """
+        delay = 0.01
+        while True:
+            if self._closed:
+                return False
+            conn = self._pub
+            try:
+                if conn is None:
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._pub = yield from self._subscribe_steps(deadline, resume=False)
+                    continue
+                if conn.eof:
+                    yield from self._resume_steps(deadline)
+                    continue
+                try:
+                    conn.recv_into(self._events)
+                except BlockingIOError:
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    yield (conn.sock, False, remaining)
+                    continue
+                self._account(conn)
+                if self._events:
+                    return True
+            except (SaltEventError, OSError) as exc:
+                if self._closed:
+                    return False
+                if not auto_reconnect:
+                    raise BusClosedError(self._bus.path, str(exc)) from exc
+                self.close_pub()
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    return False
+                yield delay
+                delay = min(delay * 2, 0.5)
+
+    def _resume_steps(self, deadline: float | None) -> Iterator:
+        """Replace a finished listening connection after a hand-off or a crash."""
+        conn = self._pub
+        if conn is not None:
+            if conn.gap:
+                self._note_gap("the broker's process died")
+            self.close_pub()
+        retry_by = time.monotonic() + _RECONNECT_TIMEOUT
+        if deadline is not None:
+            retry_by = max(min(retry_by, deadline), time.monotonic() + 0.05)
+        self._pub = yield from self._subscribe_steps(retry_by, resume=True)
+        log.debug("listener on %s resumed after a hand-off", self._bus.path)
+
+    def _account(self, conn: _Conn) -> None:
+        """Count the events the broker told *conn* it dropped."""
+        if conn.dropped:
+            lost, conn.dropped = conn.dropped, 0
+            self.dropped += lost
+            log.warning("listener on %s fell behind: the broker dropped %d events",
+                        self._bus.path, lost)
+
+    def _pull_steps(self, deadline: float | None) -> Iterator:
+        """Return the firing connection, connecting (and electing) if needed."""
+        conn = self._pull
+        if conn is None:
+            sock = yield from _connect_steps(self._bus, deadline)
+            conn = self._pull = _Conn(sock)
+            self._bye_checked = time.monotonic()
+        return conn
+
+    def _send_steps(self, frame: bytes, sent: int, deadline: float | None) -> Iterator:
+        """Send *frame* from offset *sent*, moving to the new broker after a hand-off.
+
+        A frame is only ever restarted from its beginning on a new connection.
+        """
+        attempts = 0
+        conn = self._pull
+        while True:
+            self._check_open()
+            if conn is None or sent == 0:
+                conn = yield from self._pull_steps(deadline)
+                now = time.monotonic()
+                if now - self._bye_checked >= _BYE_CHECK_INTERVAL:
+                    self._bye_checked = now
+                    if conn.handed_off():
+                        self._drop_pull(conn)
+                        conn = None
+                        continue
+            try:
+                sent += conn.sock.send(memoryview(frame)[sent:] if sent else frame)
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                if sent:
+                    self._drop_pull(conn)
+                    raise BusClosedError(self._bus.path, "the broker went away mid-event")
+                self._drop_pull(conn)          # the broker went away: on to the next one
+                conn = None
+                attempts += 1
+                if attempts > 3:
+                    if deadline is None or time.monotonic() >= deadline:
+                        raise BusClosedError(self._bus.path,
+                                             "the broker keeps closing the connection")
+                    yield 0.01
+                continue
+            if sent == len(frame):
+                return True
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0 or not (
+                    yield (conn.sock, True, remaining)):
+                self._drop_pull(conn)          # the broker discards the unfinished frame
+                raise EventTimeout(self._bus.path, None)
+
+    def _drop_pull(self, conn: _Conn) -> None:
+        if self._pull is conn:
+            self._pull = None
+        conn.close()
+
+    # -- connections (sync API)
 
     def connect_pub(self, timeout: float | None = None) -> bool:
         """Connect the listening side and register with the broker.
@@ -1256,12 +1463,12 @@ class SaltEvent:
         could be reached within *timeout* seconds (None: wait as long as it takes).
         With ``raise_errors`` a failure raises instead.
         """
-        if self._closed:
-            raise BusClosedError(self._bus.path, "the event object is closed")
+        self._check_open()
         if self._pub is not None:
             return True
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self._pub = self._subscribe(timeout, resume=False)
+            self._pub = _drive(self._subscribe_steps(deadline, resume=False))
         except (SaltEventError, OSError) as exc:
             if self.raise_errors:
                 raise
@@ -1269,67 +1476,20 @@ class SaltEvent:
             return False
         return True
 
-    def _subscribe(self, timeout: float | None, resume: bool) -> _Conn:
-        """Return a connection registered as a listener (``resume`` after a hand-off).
-
-        A connection closed before the broker's ``ok`` (it landed in a dying broker's
-        listen queue) is retried until *timeout*.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        hello = _encode({"ctl": "sub", "backlog": self._backlog, "resume": resume})
-        while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            conn = _Conn(_bind_or_connect(self._bus, deadline))
-            try:
-                conn.sock.sendall(hello)
-                if self._await_ok(conn, deadline, timeout):
-                    return conn
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except BaseException:
-                conn.close()
-                raise
-            conn.close()
-            log.debug("broker of %s closed before registering us; retrying", self._bus.path)
-            if remaining is not None and deadline - time.monotonic() <= 0:
-                raise EventTimeout(self._bus.path, timeout)
-            time.sleep(0.001)
-
-    def _await_ok(self, conn: _Conn, deadline: float | None, timeout: float | None) -> bool:
-        """Wait for the broker's ``ok``; False if the connection ends first."""
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise EventTimeout(self._bus.path, timeout)
-            if not _wait_fd(conn.sock, False, remaining):
-                continue
-            try:
-                controls = conn.recv_into(self._events)
-            except BlockingIOError:
-                continue
-            for msg in controls:
-                if msg.get("ctl") == "ok":
-                    conn.broker_pid = msg.get("pid", 0)
-                    if msg.get("gap"):
-                        self._note_gap("the new broker no longer holds the events")
-                    return True
-            if conn.eof or conn.bye:
-                return False
-
     def close_pub(self) -> None:
-        """Close the listening side; cached events stay."""
+        """Close the listening side; events already received stay queued."""
         conn, self._pub = self._pub, None
         if conn is not None:
-            self._remove_reader(conn)
+            self._forget_fd(conn.sock)
             conn.close()
 
     def connect_pull(self, timeout: float | None = 1) -> bool:
         """Connect the firing side; True on success, False after *timeout* seconds."""
-        if self._closed:
-            raise BusClosedError(self._bus.path, "the event object is closed")
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             try:
-                self._connect_pull(timeout)
+                _drive(self._pull_steps(deadline))
             except (SaltEventError, OSError) as exc:
                 if self.raise_errors:
                     raise
@@ -1337,19 +1497,12 @@ class SaltEvent:
                 return False
             return True
 
-    def _connect_pull(self, timeout: float | None) -> _Conn:
-        conn = self._pull
-        if conn is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            conn = self._pull = _Conn(_bind_or_connect(self._bus, deadline))
-            self._bye_checked = time.monotonic()
-        return conn
-
     def close_pull(self) -> None:
         """Close the firing side."""
         with self._lock:
             conn, self._pull = self._pull, None
         if conn is not None:
+            self._forget_fd(conn.sock)
             conn.close()
 
     def destroy(self) -> None:
@@ -1357,9 +1510,9 @@ class SaltEvent:
         if self._closed:
             return
         self._closed = True
+        self._close_async()
         self.close_pub()
         self.close_pull()
-        self._close_async()
         bus, self._attached = self._attached, None
         if bus is not None:
             _detach(bus)
@@ -1390,81 +1543,6 @@ class SaltEvent:
         self.gaps += 1
         log.warning("listener on %s may have missed events: %s", self._bus.path, why)
 
-    def _account(self, conn: _Conn) -> None:
-        if conn.dropped:
-            lost, conn.dropped = conn.dropped, 0
-            self.dropped += lost
-            log.warning("listener on %s fell behind: the broker dropped %d events",
-                        self._bus.path, lost)
-
-    def _resume(self, deadline: float | None) -> None:
-        """Replace a finished listening connection (hand-off or crash)."""
-        conn = self._pub
-        if conn.gap:
-            self._note_gap("the broker's process died")
-        self.close_pub()
-        timeout = _RECONNECT_TIMEOUT
-        if deadline is not None:
-            timeout = max(0.0, min(timeout, deadline - time.monotonic())) or 0.001
-        self._pub = self._subscribe(timeout, resume=True)
-        log.debug("listener on %s resumed after a hand-off", self._bus.path)
-
-    def _fill(self, deadline: float | None, auto_reconnect: bool) -> bool:
-        """Read one batch of events into the queue; False at the deadline.
-
-        Raises BusClosedError if the bus is broken (and auto_reconnect gave up).
-        """
-        delay = 0.01
-        while True:
-            if self._closed:
-                return False
-            conn = self._pub
-            try:
-                if conn is None:
-                    if not self._connect_pub_until(deadline):
-                        return False
-                    continue
-                if conn.eof:
-                    self._resume(deadline)
-                    continue
-                try:
-                    conn.recv_into(self._events)
-                except BlockingIOError:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    _wait_fd(conn.sock, False, remaining)
-                    continue
-                self._account(conn)
-                if self._events:
-                    return True
-            except (SaltEventError, OSError) as exc:
-                if self._closed:
-                    return False
-                if not auto_reconnect:
-                    raise BusClosedError(self._bus.path, str(exc)) from exc
-                self.close_pub()
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-
-    def _connect_pub_until(self, deadline: float | None) -> bool:
-        timeout = None if deadline is None else deadline - time.monotonic()
-        if timeout is not None and timeout <= 0:
-            return False
-        self._pub = self._subscribe(timeout, resume=False)
-        return True
-
-    def _next_event(self, deadline: float | None, auto_reconnect: bool) -> dict | None:
-        """Return the next raw event, or None at the deadline (or when closed)."""
-        events = self._events
-        if events:
-            return events.popleft()
-        if self._fill(deadline, auto_reconnect):
-            return events.popleft()
-        return None
-
     def _check_pending(self, tag: str, match: Callable) -> dict | None:
         """Return the first cached event matching *tag*; drop unsubscribed ones."""
         if not self.pending_events:
@@ -1478,27 +1556,49 @@ class SaltEvent:
                 self.pending_events.append(event)
         return found
 
-    def _get_event(self, timeout: float | None, tag: str, match: Callable,
-                   auto_reconnect: bool) -> dict | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _take(self, tag: str, match: Callable) -> dict | None:
+        """Return the first queued event matching *tag*; cache subscribed ones on the way."""
+        events = self._events
         pending_tags = self.pending_tags
-        while True:
-            try:
-                event = self._next_event(deadline, auto_reconnect)
-            except BusClosedError as exc:
-                if self.raise_errors:
-                    raise
-                log.warning("%s", exc)
-                return None
-            if event is None:
-                return None
+        while events:
+            event = events.popleft()
             etag = event["tag"]
             if match(etag, tag):
                 return event
             if pending_tags and any(pmatch(etag, ptag) for ptag, pmatch in pending_tags):
                 self.pending_events.append(event)
-            if deadline is not None and time.monotonic() >= deadline:
+        return None
+
+    def _get_event_steps(self, timeout: float | None, tag: str, match: Callable,
+                         auto_reconnect: bool) -> Iterator:
+        """Return the next event matching *tag*, or None at the deadline or when closed."""
+        event = self._check_pending(tag, match)
+        if event is not None:
+            return event
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            event = self._take(tag, match)
+            if event is not None:
+                return event
+            if deadline is not None and time.monotonic() >= deadline and timeout > 0:
                 return None
+            try:
+                if not (yield from self._listen_steps(deadline, auto_reconnect)):
+                    return None
+            except BusClosedError as exc:
+                if self.raise_errors:
+                    raise
+                log.warning("%s", exc)
+                return None
+
+    @staticmethod
+    def _timeout(wait: float | None, no_block: bool = False) -> float | None:
+        """Translate Salt's ``wait`` (seconds, 0 = for ever) to a timeout."""
+        if no_block:
+            return 0.0
+        if wait == 0 or wait is None:
+            return None
+        return float(wait)
 
     def get_event(self, wait: float = 5, tag: str = "", full: bool = False,
                   match_type: str | None = None, no_block: bool = False,
@@ -1517,45 +1617,42 @@ class SaltEvent:
         :raises ValueError: for an unknown *match_type*.
         """
         match = _get_matcher(match_type or self._match_type)
-        if no_block:
-            timeout = 0.0
-        elif wait == 0 or wait is None:
-            timeout = None
-        else:
-            timeout = float(wait)
-        event = self._check_pending(tag, match)
-        if event is None:
-            event = self._get_event(timeout, tag, match, auto_reconnect)
+        event = _drive(self._get_event_steps(self._timeout(wait, no_block), tag, match,
+                                             auto_reconnect))
         if event is None or full:
             return event
         return event["data"]
 
     def iter_events(self, tag: str = "", full: bool = False, match_type: str | None = None,
                     auto_reconnect: bool = False) -> Iterator[dict]:
-        """Yield matching events for ever; the iterator ends when the object is closed."""
+        """Yield matching events for ever; the iterator ends when the object is closed.
+
+        It always reconnects (as with *auto_reconnect*): an endless iterator has no
+        deadline at which to give up.
+        """
         while not self._closed:
             data = self.get_event(wait=0, tag=tag, full=full, match_type=match_type,
                                   auto_reconnect=True)
             if data is not None:
                 yield data
 
-    def get_event_noblock(self) -> dict | None:
-        """Return the next raw event ``{'data', 'tag'}`` if one is here, else None."""
+    def _raw_event(self, timeout: float | None) -> dict | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return self._next_event(time.monotonic(), False)
+            if self._events or _drive(self._listen_steps(deadline, False)):
+                return self._events.popleft()
         except BusClosedError:
             if self.raise_errors:
                 raise
-            return None
+        return None
+
+    def get_event_noblock(self) -> dict | None:
+        """Return the next raw event ``{'data', 'tag'}`` if one is here, else None."""
+        return self._raw_event(0.0)
 
     def get_event_block(self) -> dict | None:
         """Return the next raw event ``{'data', 'tag'}``, waiting as long as it takes."""
-        try:
-            return self._next_event(None, False)
-        except BusClosedError:
-            if self.raise_errors:
-                raise
-            return None
+        return self._raw_event(None)
 
     def subscribe(self, tag: str | None = None, match_type: str | None = None) -> None:
         """Keep events whose tag matches *tag* for a later get_event()."""
@@ -1622,84 +1719,25 @@ class SaltEvent:
         return frame
 
     def _send(self, frame: bytes, timeout: float | None) -> bool:
-        """Send one frame, retrying once on a new broker after a hand-off.
-
-        Returns False (or raises with raise_errors) if it cannot within *timeout*.
-        """
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        """Send one frame; False (or raise with raise_errors) if not within *timeout*."""
         with self._lock:
+            conn = self._pull
+            sent = 0
+            if conn is not None and time.monotonic() - self._bye_checked < _BYE_CHECK_INTERVAL:
+                try:                            # the fast path: one send() on a fresh check
+                    sent = conn.sock.send(frame)
+                    if sent == len(frame):
+                        return True
+                except OSError:
+                    sent = 0
+            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
             try:
-                self._send_locked(frame, deadline, timeout)
-                return True
+                return _drive(self._send_steps(frame, sent, deadline))
             except (SaltEventError, OSError) as exc:
                 if self.raise_errors:
                     raise
                 log.warning("event not sent on %s: %s", self._bus.path, exc)
                 return False
-
-    def _send_locked(self, frame: bytes, deadline: float | None, timeout: float | None) -> None:
-        attempts = 0
-        while True:
-            if self._closed:
-                raise BusClosedError(self._bus.path, "the event object is closed")
-            conn = self._pull
-            if conn is None:
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.05)
-                conn = self._connect_pull(remaining)
-            now = time.monotonic()
-            if now - self._bye_checked >= _BYE_CHECK_INTERVAL:
-                self._bye_checked = now
-                if self._handed_off(conn):
-                    self._drop_pull(conn)
-                    continue
-            sock = conn.sock
-            try:
-                sent = sock.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
-                self._drop_pull(conn)      # the broker went away: retry on the next one
-                attempts += 1
-                if attempts > 3:
-                    if deadline is None or time.monotonic() >= deadline:
-                        raise BusClosedError(self._bus.path,
-                                             "the broker keeps closing the connection") from None
-                    time.sleep(0.01)
-                continue
-            if sent == len(frame):
-                return
-            view = memoryview(frame)[sent:]
-            while view:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if (remaining is not None and remaining <= 0) or not _wait_fd(sock, True, remaining):
-                    self._drop_pull(conn)   # the broker discards the unfinished frame
-                    raise EventTimeout(self._bus.path, timeout)
-                try:
-                    view = view[sock.send(view):]
-                except BlockingIOError:
-                    pass
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    self._drop_pull(conn)
-                    raise BusClosedError(self._bus.path, "the broker went away mid-event") from exc
-            return
-
-    def _handed_off(self, conn: _Conn) -> bool:
-        """Return True if the broker said bye (or went away) on the firing side."""
-        try:
-            while True:
-                chunk = conn.sock.recv(_RECV_BYTES)
-                conn.feed(chunk, collections.deque())
-                if not chunk or conn.bye:
-                    return True
-        except BlockingIOError:
-            return conn.bye
-        except OSError:
-            return True
-
-    def _drop_pull(self, conn: _Conn) -> None:
-        if self._pull is conn:
-            self._pull = None
-        conn.close()
 
     def fire_event(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire *data* under *tag* on this bus.
@@ -1789,16 +1827,214 @@ class SaltEvent:
                 self.fire_event(data, tagify([load.get("jid"), "sub", load.get("id"), "error", fun],
                                              "job"))
 
-    # -- asyncio face (filled in by the asyncio section below)
+    # -- asyncio face: the same steps, driven by the event loop
 
-    def _init_async(self, io_loop: Any) -> None:
-        raise NotImplementedError("io_loop is not supported yet")
+    def _loop(self) -> Any:
+        """Return the asyncio loop: io_loop, else the running one, else a new one we own."""
+        if self.io_loop is None:
+            import asyncio
+            try:
+                self.io_loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.io_loop = asyncio.new_event_loop()
+                self._own_loop = True
+        return self.io_loop
 
-    def _remove_reader(self, conn: _Conn) -> None:
-        pass
+    async def _drive_async(self, steps: Iterator) -> Any:
+        """Run a steps generator on the event loop; return its value."""
+        import asyncio
+        try:
+            step = next(steps)
+            while True:
+                if step.__class__ is float:
+                    await asyncio.sleep(step)
+                    step = steps.send(None)
+                else:
+                    step = steps.send(await self._wait_fd_async(*step))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            steps.close()
+
+    async def _wait_fd_async(self, sock: socket.socket, write: bool,
+                             timeout: float | None) -> bool:
+        """Wait on the loop until *sock* is ready; False on timeout.  destroy() wakes it."""
+        loop = self._loop()
+        fd = sock.fileno()
+        if fd < 0 or self._closed:
+            return True
+        future = loop.create_future()
+
+        def wake(value: bool) -> None:
+            if not future.done():
+                future.set_result(value)
+
+        (loop.add_writer if write else loop.add_reader)(fd, wake, True)
+        timer = None if timeout is None else loop.call_later(max(timeout, 0.0), wake, False)
+        self._waiters[future] = (fd, write)
+        try:
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiters.pop(future, None) is not None:
+                (loop.remove_writer if write else loop.remove_reader)(fd)
+
+    def _forget_fd(self, sock: socket.socket) -> None:
+        """Stop the loop watching *sock* before it is closed."""
+        loop = self.io_loop
+        fd = sock.fileno()
+        if loop is None or fd < 0 or loop.is_closed():
+            return
+        for future, (wfd, write) in list(self._waiters.items()):
+            if wfd == fd:
+                del self._waiters[future]
+                self._call_in_loop(self._wake_waiter, future, fd, write)
+        if self._handler is not None and self._pub is not None and self._pub.sock is sock:
+            self._call_in_loop(loop.remove_reader, fd)
+
+    def _wake_waiter(self, future: Any, fd: int, write: bool) -> None:
+        (self.io_loop.remove_writer if write else self.io_loop.remove_reader)(fd)
+        if not future.done():
+            future.set_result(True)
+
+    def _call_in_loop(self, func: Callable, *args: Any) -> None:
+        """Call *func* now if on the loop's thread (or the loop is idle), else soon, safely."""
+        import asyncio
+        loop = self.io_loop
+        if asyncio._get_running_loop() is loop or not loop.is_running():
+            func(*args)
+        else:
+            loop.call_soon_threadsafe(func, *args)
 
     def _close_async(self) -> None:
-        pass
+        """Wake every waiter, cancel our tasks, close the loop if we made it."""
+        loop = self.io_loop
+        if loop is None or loop.is_closed():
+            return
+        for future, (fd, write) in list(self._waiters.items()):
+            self._call_in_loop(self._wake_waiter, future, fd, write)
+        self._waiters.clear()
+        for task in list(self._tasks):
+            self._call_in_loop(task.cancel)
+        if self._own_loop and not self.keep_loop and not loop.is_running():
+            loop.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: Any) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("event handler on %s raised", self._bus.path,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+
+    def set_event_handler(self, handler: Callable) -> None:
+        """Call ``handler(raw)`` on the loop for every event on the bus.
+
+        As in Salt, *raw* is the event's wire frame: ``tag, data = event.unpack(raw)``.
+        *handler* may be a plain function or a coroutine function; an exception it
+        raises is logged with its traceback and later events still come.
+        """
+        loop = self._loop()
+        self._check_open()
+        if self._pub is None and not self.connect_pub(timeout=_CONNECT_TIMEOUT):
+            raise BusClosedError(self._bus.path, "cannot listen")
+        self._handler = handler
+        loop.add_reader(self._pub.sock.fileno(), self._on_handler_readable)
+        if self._events:
+            loop.call_soon(self._dispatch)
+
+    def _on_handler_readable(self) -> None:
+        conn = self._pub
+        if conn is None or self._closed:
+            return
+        try:
+            conn.recv_into(self._events)
+        except BlockingIOError:
+            return
+        except OSError:
+            conn.eof = True
+        self._account(conn)
+        if conn.eof:
+            self.io_loop.remove_reader(conn.sock.fileno())
+            self._spawn(self._handler_resume())
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        import inspect
+        events = self._events
+        while events and self._handler is not None and not self._closed:
+            event = events.popleft()
+            raw = _encode(event)
+            try:
+                result = self._handler(raw)
+            except Exception:
+                log.exception("event handler on %s raised on %s", self._bus.path, event["tag"])
+                continue
+            if inspect.isawaitable(result):
+                self._spawn(result)
+
+    async def _handler_resume(self) -> None:
+        """Re-subscribe the handler's connection after a hand-off."""
+        import asyncio
+        delay = 0.01
+        while not self._closed:
+            try:
+                await self._drive_async(self._resume_steps(None))
+            except (SaltEventError, OSError) as exc:
+                log.warning("listener on %s cannot resume yet: %s", self._bus.path, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if not self._closed:
+                self.io_loop.add_reader(self._pub.sock.fileno(), self._on_handler_readable)
+                self._dispatch()
+            return
+
+    async def fire_event_async(self, data: Mapping, tag: str, cb: Callable | None = None,
+                               timeout: float | None = 1000) -> bool:
+        """Fire like fire_event(), without blocking the loop.
+
+        *cb* is accepted for compatibility and not called, as in Salt.
+        """
+        frame = self._frame(data, tag)
+        deadline = None if timeout is None else time.monotonic() + max(timeout / 1000.0, 0.0)
+        try:
+            return await self._drive_async(self._send_steps(frame, 0, deadline))
+        except (SaltEventError, OSError) as exc:
+            if self.raise_errors:
+                raise
+            log.warning("event not sent on %s: %s", self._bus.path, exc)
+            return False
+
+    def _check_no_handler(self) -> None:
+        if self._handler is not None:
+            raise RuntimeError("set_event_handler() already consumes this object's events")
+
+    async def get_event_async(self, wait: float = 5, tag: str = "", full: bool = False,
+                              match_type: str | None = None) -> dict | None:
+        """Return like get_event(), awaiting on the loop; ``wait`` is the same hard deadline."""
+        self._check_no_handler()
+        match = _get_matcher(match_type or self._match_type)
+        event = await self._drive_async(self._get_event_steps(self._timeout(wait), tag, match,
+                                                              False))
+        if event is None or full:
+            return event
+        return event["data"]
+
+    async def aiter_events(self, tag: str = "", full: bool = False,
+                           match_type: str | None = None) -> Any:
+        """Yield matching events as an async iterator; it ends when the object is closed."""
+        self._check_no_handler()
+        match = _get_matcher(match_type or self._match_type)
+        while not self._closed:
+            event = await self._drive_async(self._get_event_steps(None, tag, match, True))
+            if event is not None:
+                yield event if full else event["data"]
 
 
 class MasterEvent(SaltEvent):
