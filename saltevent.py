@@ -2119,10 +2119,274 @@ def fire_args(opts: Mapping, jid: str, tag_data: Mapping, prefix: str = "") -> N
 
 # -- CLI ----------------------------------------------------------------------
 
+_EXAMPLES = {
+    "fire": """examples:
+  saltevent fire '{"data": "message to be sent in the event"}' mytag
+  saltevent fire user=alice ok=true count=3 myco/deploy/done""",
+    "fire-master": """examples:
+  saltevent fire-master '{"data": "message for the master"}' mytag
+  saltevent fire-master --id web1 status=ok myco/web1/health""",
+    "listen": """examples:
+  saltevent listen                          # every event, as salt-run state.event
+  saltevent listen 'salt/job/*/ret/*' --pretty
+  saltevent listen 'myco/.*' --count 1 --quiet && echo done
+  saltevent listen | while IFS=$'\\t' read -r tag data; do echo "$tag"; done""",
+    "bus": """examples:
+  saltevent bus -v                          # until SIGTERM or Ctrl-C
+  saltevent bus --sock-dir /var/run/salt/master""",
+    "stats": """examples:
+  saltevent stats
+  saltevent stats --json""",
+}
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind, closing (and handing off) what we hold."""
+
+
+def _build_parser() -> Any:
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sock-dir", help="directory of the bus sockets (default: "
+                        "$SALTEVENT_SOCK_DIR, Salt's, or a private one)")
+    common.add_argument("--node", choices=("master", "minion"),
+                        help="which bus: the master's or a minion's")
+    common.add_argument("--id", help="minion id of a minion bus (default: the host name)")
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log to stderr (-vv for debug)")
+    parser = argparse.ArgumentParser(
+        prog="saltevent", description="SaltStack's event bus on this host: fire, listen, "
+        "run a broker, read its figures.")
+    parser.add_argument("--version", action="version", version=f"saltevent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(name: str, help_: str) -> Any:
+        return commands.add_parser(name, parents=[common], help=help_, description=help_,
+                                   epilog=_EXAMPLES[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    for name, help_ in (("fire", "fire an event on a bus (salt-call event.fire)"),
+                        ("fire-master", "fire an event on the minion bus, forwarded to the "
+                                        "master bus (salt-call event.fire_master)")):
+        sub = command(name, help_)
+        sub.add_argument("args", nargs="+", metavar="DATA... TAG",
+                         help="a JSON object, or key=value pairs (values parsed as JSON when "
+                              "they parse), then the tag")
+    sub = command("listen", "print events as salt-run state.event does: tag, TAB, JSON data")
+    sub.add_argument("tagmatch", nargs="?", metavar="TAGMATCH",
+                     help="glob, else whole-string regex, on the tag (default: everything)")
+    sub.add_argument("--match-type", choices=sorted(_MATCHERS),
+                     help="match TAGMATCH with this API match type instead")
+    sub.add_argument("--pretty", action="store_true", help="sorted keys, indented JSON")
+    sub.add_argument("--count", type=int, default=-1, metavar="N",
+                     help="exit 0 after N matching events")
+    sub.add_argument("--quiet", action="store_true", help="print nothing")
+    command("bus", "run a standalone broker in the foreground until SIGTERM/SIGINT")
+    sub = command("stats", "print the running broker's figures")
+    sub.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    return parser
+
+
+def _cli_opts(args: Any) -> dict:
+    opts = {}
+    if args.sock_dir:
+        opts["sock_dir"] = args.sock_dir
+    if args.id:
+        opts["id"] = args.id
+    return opts
+
+
+def _cli_bus(args: Any, node: str) -> _Bus:
+    opts = _cli_opts(args)
+    sock_dir = _resolve_sock_dir(opts.get("sock_dir"), node)
+    return _Bus(sock_dir, _bus_name(node, opts))
+
+
+def _parse_data(items: list) -> dict:
+    """Return the event data of the CLI's DATA words; ValueError if not an object."""
+    if len(items) == 1:
+        try:
+            data = json.loads(items[0])
+        except ValueError:
+            data = None
+        else:
+            if not isinstance(data, dict):
+                raise ValueError(f"DATA must be a JSON object, not {items[0]!r}")
+            return data
+    data = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"DATA must be a JSON object or key=value pairs, not {item!r}")
+        try:
+            data[key] = json.loads(value)
+        except ValueError:
+            data[key] = value
+    return data
+
+
+def _cmd_fire(args: Any, node: str, master: bool) -> int:
+    if len(args.args) < 2:
+        raise _UsageError("DATA and TAG are both required")
+    data, tag = _parse_data(args.args[:-1]), args.args[-1]
+    with SaltEvent(node, args.sock_dir, _cli_opts(args), listen=False,
+                   raise_errors=True) as event:
+        if master:
+            event.fire_master(data, tag)
+        else:
+            event.fire_event(data, tag)
+    return 0
+
+
+def _tag_filter(args: Any) -> Callable[[str], bool]:
+    """Return the listen command's test of a tag, as Salt's state.event does it."""
+    if args.match_type:
+        match, pattern = _get_matcher(args.match_type), args.tagmatch or ""
+        return lambda tag: match(tag, pattern)
+    pattern = args.tagmatch or "*"
+    import fnmatch
+    import re
+    try:
+        regex = re.compile(r"\A(?:" + pattern + r")\Z")
+    except re.error:
+        regex = None
+    return lambda tag: fnmatch.fnmatch(tag, pattern) or bool(regex and regex.match(tag))
+
+
+def _cmd_listen(args: Any, node: str) -> int:
+    wanted = _tag_filter(args)
+    if args.pretty:
+        dump = lambda data: json.dumps(data, ensure_ascii=False, sort_keys=True, indent=4)  # noqa: E731
+    else:
+        dump = lambda data: json.dumps(data, ensure_ascii=False)  # noqa: E731
+    out = sys.stdout
+    count = 0
+    with SaltEvent(node, args.sock_dir, _cli_opts(args), raise_errors=True) as event:
+        if args.count == 0:
+            return 0
+        for found in event.iter_events(full=True):
+            tag = found["tag"]
+            if not wanted(tag):
+                continue
+            if not args.quiet:
+                try:
+                    out.write(f"{tag}\t{dump(found['data'])}\n")
+                    out.flush()
+                except BrokenPipeError:
+                    # The reader left (| head -1): stop quietly, and keep the
+                    # interpreter from failing to flush stdout again at exit.
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+                    return 0
+            count += 1
+            if count == args.count:
+                return 0
+    return 0
+
+
+def _cmd_bus(args: Any, node: str) -> int:
+    import signal
+    bus = _cli_bus(args, node)
+    _ensure_sock_dir(os.path.dirname(bus.path))
+    elected = _elect(bus)
+    if elected is None:
+        raise SaltEventError(f"a broker already runs for {bus.path}")
+    broker = Broker(bus, *elected)
+    log.info("serving %s (pid %d); SIGTERM or Ctrl-C hands off and stops", bus.path,
+             os.getpid())
+    previous = {sig: signal.signal(sig, lambda *_: broker.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        broker.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if broker._error is not None:
+        raise SaltEventError(f"the broker stopped on an error: {broker._error}")
+    log.info("handed off %s", bus.path)
+    return 0
+
+
+def _cmd_stats(args: Any, node: str) -> int:
+    bus = _cli_bus(args, node)
+    try:
+        conn = _Conn(_connect(bus.path))
+    except OSError:
+        raise SaltEventError(f"no broker runs for {bus.path}") from None
+    try:
+        conn.sock.sendall(_encode({"ctl": "stats"}))
+        deadline = time.monotonic() + _CONNECT_TIMEOUT
+        stats = None
+        while stats is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or conn.eof:
+                raise SaltEventError(f"the broker of {bus.path} did not answer")
+            if not _wait_fd(conn.sock, False, remaining):
+                continue
+            try:
+                controls = conn.recv_into(collections.deque())
+            except BlockingIOError:
+                continue
+            stats = next((msg["stats"] for msg in controls if msg.get("ctl") == "stats"), None)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(stats, sort_keys=True))
+        return 0
+    rows = [("bus", stats["bus"]), ("broker pid", stats["pid"]),
+            ("uptime", f"{stats['uptime']:.1f} s"), ("clients", stats["clients"]),
+            ("listeners", stats["listeners"]), ("events in", stats["events_in"]),
+            ("events out", stats["events_out"]), ("bytes in", stats["bytes_in"]),
+            ("bytes out", stats["bytes_out"]), ("dropped", stats["dropped"])]
+    for name, value in rows:
+        print(f"{name:<11} {value}")
+    for item in stats["per_listener"]:
+        print(f"listener    pid {item['pid']}: {item['events_out']} events out, "
+              f"{item['dropped']} dropped, {item['queued_bytes']} bytes queued")
+    return 0
+
+
+class _UsageError(Exception):
+    """Wrong arguments that argparse cannot see."""
+
 
 def main(argv: list | None = None) -> int:
-    """Run the command line; return the exit code."""
-    raise NotImplementedError
+    """Run the command line; return the exit code (2: usage, 1: runtime error)."""
+    import signal
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose > 1
+                            else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = args.node or ("minion" if args.command == "fire-master" else "master")
+
+    def terminate(*_: Any) -> None:
+        raise _Terminated()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        if args.command in ("fire", "fire-master"):
+            return _cmd_fire(args, node, args.command == "fire-master")
+        if args.command == "listen":
+            return _cmd_listen(args, node)
+        if args.command == "bus":
+            return _cmd_bus(args, node)
+        return _cmd_stats(args, node)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    except (SaltEventError, OSError, ValueError, TypeError) as exc:
+        print(f"saltevent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except _Terminated:
+        return 143
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
