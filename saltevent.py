@@ -43,7 +43,6 @@ __all__ = [
 
 import atexit
 import collections
-import datetime
 import errno
 import itertools
 import json
@@ -58,7 +57,6 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
 
 try:
     import fcntl
@@ -161,7 +159,23 @@ class FrameError(SaltEventError, ValueError):
 
 # -- Framing ------------------------------------------------------------------
 
-_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+def _json_default(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+_json_str = json.encoder.encode_basestring          # str -> JSON string, non-ASCII kept
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:
+    # One reusable C encoder, without the circular-reference markers that cost a
+    # fresh encoder per call; recursion is caught where events are encoded.
+    _c_encode = _c_make_encoder(None, _json_default, _json_str, None, ":", ",",
+                                False, False, True)
+
+    def _json_encode(obj: Any) -> str:
+        return "".join(_c_encode(obj, 0))
+else:  # pragma: no cover - interpreters without the C accelerator
+    _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                    check_circular=False).encode
 _json_decode = json.JSONDecoder().decode
 
 
@@ -248,9 +262,19 @@ def _is_event(obj: Any) -> bool:
             and obj.get("data").__class__ is dict)
 
 
+_stamp_second = (-1, "")   # (second, its formatted prefix), replaced as a whole
+
+
 def _stamp() -> str:
-    """Return the time now as Salt stamps events: naive UTC, ISO-8601."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+    """Return the time now as Salt stamps events: naive UTC ``datetime.isoformat()``."""
+    global _stamp_second
+    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    cached = _stamp_second
+    if cached[0] != second:
+        cached = _stamp_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                        time.gmtime(second)))
+    micros = nanos // 1000
+    return f"{cached[1]}.{micros:06d}" if micros else cached[1]
 
 
 def _json_path_error(data: Any, path: str = "") -> str | None:
@@ -274,14 +298,16 @@ def _json_path_error(data: Any, path: str = "") -> str | None:
     return f"{path} (type {type(data).__name__})"
 
 
-def _encode_event(tag: str, data: Mapping) -> bytes:
+def _encode_event(tag: str, data: Any) -> bytes:
     """Return the frame of one event; TypeError names a value JSON cannot carry."""
     try:
-        return _encode({"tag": tag, "data": data})
+        return ('{"tag":' + _json_str(tag) + ',"data":' + _json_encode(data) + "}\n").encode()
     except TypeError:
-        where = _json_path_error(data) or "data"
+        where = _json_path_error(data) or ""
         raise TypeError(f"event data{where} is not JSON serializable "
                         "(events carry dicts, lists, str, numbers, bool and None)") from None
+    except RecursionError:
+        raise ValueError("event data contains a circular reference") from None
 
 
 def _trim(data: dict, max_size: int) -> list:
@@ -1617,8 +1643,12 @@ class SaltEvent:
         :raises ValueError: for an unknown *match_type*.
         """
         match = _get_matcher(match_type or self._match_type)
-        event = _drive(self._get_event_steps(self._timeout(wait, no_block), tag, match,
-                                             auto_reconnect))
+        event = None
+        if self._events and not self.pending_events:     # the fast path: one queued
+            event = self._take(tag, match)
+        if event is None:
+            event = _drive(self._get_event_steps(self._timeout(wait, no_block), tag, match,
+                                                 auto_reconnect))
         if event is None or full:
             return event
         return event["data"]
@@ -1702,7 +1732,7 @@ class SaltEvent:
             raise TypeError(f"tag must be a str, not {type(tag).__name__}")
         if not tag:
             raise ValueError("Empty tag.")
-        if not isinstance(data, Mapping):
+        if data.__class__ is not dict and not isinstance(data, Mapping):
             raise ValueError(f"Dict object expected, not {data!r}.")
         data = dict(data)
         data["_stamp"] = _stamp()
