@@ -451,6 +451,9 @@ def _resolve_sock_dir(sock_dir: str | None, node: str) -> str:
 
 def _ensure_sock_dir(sock_dir: str) -> None:
     """Create *sock_dir* 0700 when missing; refuse a directory another user owns."""
+    if not hasattr(socket, "AF_UNIX") or fcntl is None:
+        raise OSError(errno.ENOSYS, "saltevent needs AF_UNIX sockets and fcntl.flock "
+                                    "(Linux, macOS, the BSDs)")
     try:
         os.makedirs(sock_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -515,7 +518,8 @@ if not hasattr(select, "poll"):  # macOS builds without poll(): select() will do
 def _elect(bus: _Bus) -> tuple | None:
     """Take *bus*'s election lock and bind its socket; None if another process holds it.
 
-    Returns (listening socket, lock fd).  Runs the only ``os.unlink`` of a bus path.
+    Returns (listening socket, lock fd, successor): *successor* is True when a socket
+    file was left by an earlier broker.  Runs the only ``os.unlink`` of a bus path.
     """
     if fcntl is None:
         raise OSError(errno.ENOSYS, "saltevent needs fcntl.flock (a POSIX system)")
@@ -530,9 +534,10 @@ def _elect(bus: _Bus) -> tuple | None:
         try:
             try:
                 os.unlink(bus.path)
+                successor = True
                 log.debug("removed stale socket %s", bus.path)
             except FileNotFoundError:
-                pass
+                successor = False
             sock.bind(bus.path)
             os.chmod(bus.path, 0o600)
             sock.listen(128)
@@ -547,7 +552,7 @@ def _elect(bus: _Bus) -> tuple | None:
             pass
         raise
     log.debug("elected broker of %s (pid %d)", bus.path, os.getpid())
-    return sock, lock_fd
+    return sock, lock_fd, successor
 
 
 # -- Broker -------------------------------------------------------------------
@@ -584,11 +589,13 @@ class Broker:
     ``_serve()`` on a daemon thread named ``saltevent-broker``; ``serve_forever()``
     runs it on the calling thread.  ``close()`` hands off: it gives up the lock and
     the socket so another process can take over, tells every client ``bye``,
-    delivers what it still holds, then closes.  Methods marked so run on the broker
+    delivers what it still holds, then closes.  A *successor* of an earlier broker
+    keeps what it receives in its first ``_REPLAY_SECONDS`` for listeners that
+    resume after the hand-off.  Methods marked so run on the broker
     thread; the others may be called from any thread.
     """
 
-    def __init__(self, bus: _Bus, sock: socket.socket, lock_fd: int):
+    def __init__(self, bus: _Bus, sock: socket.socket, lock_fd: int, successor: bool = False):
         self.bus = bus
         self._listen_sock = sock
         self._lock_fd = lock_fd
@@ -603,7 +610,7 @@ class Broker:
         self._born = time.monotonic()
         self._replay = collections.deque()   # [buffer, frames] kept for resuming listeners
         self._replay_bytes = 0
-        self._replay_open = True
+        self._replay_open = successor       # a fresh bus has nobody to resume
         self._started_at = time.time()
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self._drops = 0
