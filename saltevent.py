@@ -1376,6 +1376,8 @@ class SaltEvent:
         while True:
             if self._closed:
                 return False
+            if self._events:                   # e.g. replayed with a broker's ok
+                return True
             conn = self._pub
             try:
                 if conn is None:
