@@ -518,8 +518,8 @@ if not hasattr(select, "poll"):  # macOS builds without poll(): select() will do
 def _elect(bus: _Bus) -> tuple | None:
     """Take *bus*'s election lock and bind its socket; None if another process holds it.
 
-    Returns (listening socket, lock fd, successor): *successor* is True when a socket
-    file was left by an earlier broker.  Runs the only ``os.unlink`` of a bus path.
+    Returns (listening socket, lock fd, successor): *successor* is True when an
+    earlier broker ran (each broker writes its pid into the lock file).
     """
     if fcntl is None:
         raise OSError(errno.ENOSYS, "saltevent needs fcntl.flock (a POSIX system)")
@@ -532,12 +532,14 @@ def _elect(bus: _Bus) -> tuple | None:
             return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            successor = os.fstat(lock_fd).st_size > 0
+            os.ftruncate(lock_fd, 0)
+            os.write(lock_fd, f"{os.getpid()}\n".encode())
             try:
                 os.unlink(bus.path)
-                successor = True
                 log.debug("removed stale socket %s", bus.path)
             except FileNotFoundError:
-                successor = False
+                pass
             sock.bind(bus.path)
             os.chmod(bus.path, 0o600)
             sock.listen(128)
@@ -612,6 +614,8 @@ class Broker:
         self._replay_bytes = 0
         self._replay_open = successor       # a fresh bus has nobody to resume
         self._started_at = time.time()
+        self._hello = _encode({"ctl": "hello", "pid": os.getpid()})
+        self._bye = _encode({"ctl": "bye"})
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self._drops = 0
         try:
@@ -763,7 +767,12 @@ class Broker:
             peer = _Peer(sock, pid)
             self._peers[peer.fd] = peer
             self._selector.register(sock, selectors.EVENT_READ, peer)
-            log.debug("client connected to %s (pid %d)", self.bus.path, pid)
+            leaving = self._stopping.is_set()
+            self._enqueue(peer, self._bye if leaving else self._hello, 0)
+            peer.last_in = time.monotonic()
+            self._flush(peer)
+            log.debug("client connected to %s (pid %d)%s", self.bus.path, pid,
+                      "; told it to go to the next broker" if leaving else "")
 
     def _on_readable(self, peer: _Peer, dirty: set) -> None:
         """Read what *peer* sent and relay it.  Runs on the broker thread."""
@@ -975,19 +984,21 @@ class Broker:
     def _handoff(self) -> None:
         """Give up the bus, tell every client, deliver what is held, close.
 
-        The lock and the listening socket go first, so a new broker can be elected
-        at once.  Clients get ``bye``; firers move to the new broker, listeners
+        The socket's path and the lock go first, so a new broker can be elected at
+        once; connections still queued on the old socket are accepted and told
+        ``bye``.  Clients get ``bye``; firers move to the new broker, listeners
         half-close and read on.  Frames still arriving are relayed until every
         client is done or quiet for ``_HANDOFF_QUIET``, output is flushed (at most
         ``_HANDOFF_TIMEOUT`` in all), then every connection is closed.  Runs on the
         broker thread.
         """
-        sock, self._listen_sock = self._listen_sock, None
-        self._selector.unregister(sock)
-        sock.close()
+        try:
+            os.unlink(self.bus.path)       # we still hold the lock: newcomers elect anew
+        except FileNotFoundError:
+            pass
         lock_fd, self._lock_fd = self._lock_fd, None
         os.close(lock_fd)                  # releases the flock: another process may take over
-        bye = _encode({"ctl": "bye"})
+        bye = self._bye
         dirty = set()
         now = time.monotonic()
         for peer in list(self._peers.values()):
@@ -1009,6 +1020,9 @@ class Broker:
             wait = min(deadline, quiet_at if quiet_at > now else deadline) - now
             for key, mask in self._selector.select(wait):
                 peer = key.data
+                if peer is None:
+                    self._accept()         # queued before the unlink: they get bye
+                    continue
                 if peer is self._wake_r:
                     self._drain_wake()
                     continue
@@ -1017,6 +1031,9 @@ class Broker:
                 if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
                     dirty.add(peer)
         log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
+        sock, self._listen_sock = self._listen_sock, None
+        self._selector.unregister(sock)
+        sock.close()
         for peer in list(self._peers.values()):
             self._drop(peer, "")
 
@@ -1433,13 +1450,36 @@ class SaltEvent:
                         self._bus.path, lost)
 
     def _pull_steps(self, deadline: float | None) -> Iterator:
-        """Return the firing connection, connecting (and electing) if needed."""
-        conn = self._pull
-        if conn is None:
-            sock = yield from _connect_steps(self._bus, deadline)
-            conn = self._pull = _Conn(sock)
-            self._bye_checked = time.monotonic()
-        return conn
+        """Return the firing connection, connecting (and electing) if needed.
+
+        A new connection is used only once the broker greeted it: a connection
+        that landed on a broker about to leave is told ``bye`` (or reset) instead.
+        """
+        while self._pull is None:
+            conn = _Conn((yield from _connect_steps(self._bus, deadline)))
+            try:
+                while not (conn.eof or conn.bye):
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0:
+                        raise EventTimeout(self._bus.path, None)
+                    if not (yield (conn.sock, False, remaining)):
+                        continue
+                    try:
+                        controls = conn.recv_into(collections.deque())
+                    except BlockingIOError:
+                        continue
+                    if any(msg.get("ctl") == "hello" for msg in controls):
+                        conn.broker_pid = controls[0].get("pid", 0)
+                        self._pull = conn
+                        self._bye_checked = time.monotonic()
+                        break
+            except BaseException:
+                conn.close()
+                raise
+            if self._pull is None:
+                conn.close()
+                log.debug("broker of %s is leaving; firing at the next one", self._bus.path)
+        return self._pull
 
     def _send_steps(self, frame: bytes, sent: int, deadline: float | None) -> Iterator:
         """Send *frame* from offset *sent*, moving to the new broker after a hand-off.
