@@ -236,20 +236,29 @@ class _FrameBuffer:
     def feed(self, chunk: bytes) -> bytes:
         """Return the whole frames completed by *chunk* (possibly ``b""``).
 
-        Raises FrameError when an unfinished frame grows past ``max_frame``.
+        Raises FrameError when a frame grows past ``max_frame``; whole frames in one
+        chunk are bounded by the chunk, so only the frames at its edges are measured.
         """
         end = chunk.rfind(b"\n") + 1
         if end == 0:
             self._partial += chunk
             if len(self._partial) > self.max_frame:
-                size, self._partial = len(self._partial), b""
-                raise FrameError(f"frame exceeds {self.max_frame} bytes ({size} without a newline)")
+                self._oversize(len(self._partial))
             return b""
         if self._partial:
+            first = len(self._partial) + chunk.find(b"\n") + 1
+            if first > self.max_frame:
+                self._oversize(first)
             block, self._partial = self._partial + chunk[:end], chunk[end:]
         else:
             block, self._partial = chunk[:end], chunk[end:]
+        if len(self._partial) > self.max_frame:
+            self._oversize(len(self._partial))
         return block
+
+    def _oversize(self, size: int) -> None:
+        self._partial = b""
+        raise FrameError(f"frame exceeds {self.max_frame} bytes ({size} bytes)")
 
     @property
     def pending(self) -> int:
@@ -381,14 +390,16 @@ def _get_matcher(match_type: str) -> Callable[[str, str], bool]:
 def tagify(suffix: Any = "", prefix: str = "", base: str = SALT) -> str:
     """Return a tag: *base*, ``TAGS[prefix]`` (or *prefix*) and *suffix* joined by ``/``.
 
-    *suffix* is a string or a list of parts; empty parts are left out (as Salt does).
+    *suffix* is a string or a list (any iterable) of parts.  Every part becomes a
+    str first, then empty ones are left out, as Salt does (so ``0`` stays ``'0'``).
     """
     parts = [base, TAGS.get(prefix, prefix)]
-    if hasattr(suffix, "append"):
-        parts.extend(suffix)
-    else:
+    if isinstance(suffix, (str, bytes)) or not hasattr(suffix, "__iter__"):
         parts.append(suffix)
-    return TAGPARTER.join(str(part) for part in parts if part)
+    else:
+        parts.extend(suffix)
+    strs = [part.decode() if isinstance(part, bytes) else str(part) for part in parts]
+    return TAGPARTER.join(part for part in strs if part)
 
 
 # -- Socket helpers: paths, peers, election -----------------------------------
@@ -565,7 +576,7 @@ class _Peer:
 
     __slots__ = ("sock", "fd", "pid", "frames", "listener", "out", "out_bytes", "backlog",
                  "notice", "dropped", "events_in", "events_out", "bytes_in", "bytes_out",
-                 "writing", "done", "last_in")
+                 "writing", "done", "last_in", "warn_after")
 
     def __init__(self, sock: socket.socket, pid: int):
         self.sock = sock
@@ -582,6 +593,7 @@ class _Peer:
         self.writing = False
         self.done = False                # sent EOF during a hand-off
         self.last_in = 0.0
+        self.warn_after = 0.0            # monotonic time before which drops are not logged
 
 
 class Broker:
@@ -780,6 +792,8 @@ class Broker:
             chunk = peer.sock.recv(_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:       # closed with our data unread: a normal close
+            chunk = b""
         except OSError as exc:
             self._drop(peer, f"read failed: {exc}")
             return
@@ -864,7 +878,8 @@ class Broker:
         self.bytes_in += len(block)
         for peer in self._listeners.values():
             self._enqueue(peer, block, nframes)
-            dirty.add(peer)
+            if not peer.writing:           # else its socket is full: EVENT_WRITE flushes
+                dirty.add(peer)
         if self._replay_open:
             self._replay.append((block, nframes))
             self._replay_bytes += len(block)
@@ -910,8 +925,12 @@ class Broker:
         size = len(notice[0])
         notice[0] = _encode({"ctl": "drop", "n": notice[2]})
         peer.out_bytes += len(notice[0]) - size
-        log.warning("listener of %s (pid %d) fell %d bytes behind; dropped %d oldest events",
-                    self.bus.path, peer.pid, peer.out_bytes, lost)
+        now = time.monotonic()
+        if now >= peer.warn_after:         # at most one warning a second per listener
+            peer.warn_after = now + 1.0
+            log.warning("listener of %s (pid %d) is %d bytes behind: dropped its oldest "
+                        "events, %d so far", self.bus.path, peer.pid, peer.out_bytes,
+                        peer.dropped)
 
     def _flush(self, peer: _Peer) -> None:
         """Send what *peer* has queued, without blocking.  Runs on the broker thread."""
@@ -1296,6 +1315,7 @@ class SaltEvent:
         self.gaps = 0
         self._events = collections.deque()
         self._bye_checked = 0.0
+        self._warn_after = 0.0
         self._match_type = self.opts.get("event_match_type") or "startswith"
         _get_matcher(self._match_type)
         self._max_event_size = self.opts.get("max_event_size") or 0
@@ -1442,12 +1462,15 @@ class SaltEvent:
         log.debug("listener on %s resumed after a hand-off", self._bus.path)
 
     def _account(self, conn: _Conn) -> None:
-        """Count the events the broker told *conn* it dropped."""
+        """Count the events the broker told *conn* it dropped (warn at most once a second)."""
         if conn.dropped:
             lost, conn.dropped = conn.dropped, 0
             self.dropped += lost
-            log.warning("listener on %s fell behind: the broker dropped %d events",
-                        self._bus.path, lost)
+            now = time.monotonic()
+            if now >= self._warn_after:
+                self._warn_after = now + 1.0
+                log.warning("listener on %s fell behind: the broker dropped %d events "
+                            "(%d in all)", self._bus.path, lost, self.dropped)
 
     def _pull_steps(self, deadline: float | None) -> Iterator:
         """Return the firing connection, connecting (and electing) if needed.
