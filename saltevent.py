@@ -5,9 +5,11 @@ Wire format.  A bus (sock_dir, node, minion id) is one AF_UNIX stream socket,
 election lock ``<same name>.lock``; Salt's own ``*.ipc`` names are never used.  One
 frame is one UTF-8 JSON object followed by ``b"\\n"``, at most ``MAX_FRAME_BYTES``.
 An event is ``{"tag": str, "data": dict}``; anything else is a control frame
-``{"ctl": name, ...}``: clients send ``sub`` (become a listener: ``backlog``,
-``resume``) and ``stats``; the broker sends ``ok`` (``gap``), ``drop`` (``n``),
-``bye`` (hand-off) and ``stats``.  The broker relays event frames byte for byte.
+``{"ctl": name, ...}``: the broker greets each connection with ``hello`` (``pid``),
+or ``bye`` when it is handing off; clients send ``sub`` (become a listener:
+``backlog``, ``resume``) and ``stats``; the broker answers ``ok`` (``gap``) and
+``stats``, and sends ``drop`` (``n`` events lost) and ``bye`` (hand-off: go to the
+next broker).  Event frames are relayed byte for byte.
 
 Usage::
 
