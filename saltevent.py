@@ -48,7 +48,6 @@ import collections
 import errno
 import itertools
 import json
-import logging
 import os
 import select
 import selectors
@@ -65,7 +64,20 @@ try:
 except ImportError:  # Windows: no flock, and no AF_UNIX in older builds
     fcntl = None
 
-log = logging.getLogger("saltevent")
+
+
+class _Log:
+    """The ``saltevent`` logger, imported on first use: a process that only fires
+    events never logs, and ``logging`` is the largest import it would pay for."""
+
+    def __getattr__(self, name: str) -> Any:
+        global log
+        import logging
+        log = logging.getLogger("saltevent")
+        return getattr(log, name)
+
+
+log = _Log()
 
 # -- Constants ----------------------------------------------------------------
 
@@ -2460,6 +2472,7 @@ def main(argv: list | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
+        import logging
         logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose > 1
                             else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
