@@ -1211,6 +1211,27 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def _control_steps(conn: "_Conn", ctl: str, deadline: float | None,
+                   events: collections.deque, path: str) -> Iterator:
+    """Wait for the control frame *ctl* on *conn*; return it, or None if the
+    connection ends or the broker says bye first.  Events read meanwhile go to
+    *events*.  Raises EventTimeout at *deadline*."""
+    while not (conn.eof or conn.bye):
+        remaining = _remaining(deadline)
+        if remaining is not None and remaining <= 0:
+            raise EventTimeout(path, None)
+        if not (yield (conn.sock, False, remaining)):
+            continue
+        try:
+            controls = conn.recv_into(events)
+        except BlockingIOError:
+            continue
+        for msg in controls:
+            if msg.get("ctl") == ctl:
+                return msg
+    return None
+
+
 class _Conn:
     """One client connection: framing, control frames and hand-off, no policy.
 
@@ -1390,22 +1411,13 @@ class SaltEvent:
             conn = _Conn((yield from _connect_steps(self._bus, deadline)))
             try:
                 conn.sock.sendall(hello)
-                while not (conn.eof or conn.bye):
-                    remaining = _remaining(deadline)
-                    if remaining is not None and remaining <= 0:
-                        raise EventTimeout(self._bus.path, None)
-                    if not (yield (conn.sock, False, remaining)):
-                        continue
-                    try:
-                        controls = conn.recv_into(self._events)
-                    except BlockingIOError:
-                        continue
-                    for msg in controls:
-                        if msg.get("ctl") == "ok":
-                            conn.broker_pid = msg.get("pid", 0)
-                            if msg.get("gap"):
-                                self._note_gap("the new broker no longer holds the events")
-                            return conn
+                msg = yield from _control_steps(conn, "ok", deadline, self._events,
+                                                 self._bus.path)
+                if msg is not None:
+                    conn.broker_pid = msg.get("pid", 0)
+                    if msg.get("gap"):
+                        self._note_gap("the new broker no longer holds the events")
+                    return conn
             except (BrokenPipeError, ConnectionResetError):
                 pass
             except BaseException:
@@ -1495,21 +1507,12 @@ class SaltEvent:
         while self._pull is None:
             conn = _Conn((yield from _connect_steps(self._bus, deadline)))
             try:
-                while not (conn.eof or conn.bye):
-                    remaining = _remaining(deadline)
-                    if remaining is not None and remaining <= 0:
-                        raise EventTimeout(self._bus.path, None)
-                    if not (yield (conn.sock, False, remaining)):
-                        continue
-                    try:
-                        controls = conn.recv_into(collections.deque())
-                    except BlockingIOError:
-                        continue
-                    if any(msg.get("ctl") == "hello" for msg in controls):
-                        conn.broker_pid = controls[0].get("pid", 0)
-                        self._pull = conn
-                        self._bye_checked = time.monotonic()
-                        break
+                msg = yield from _control_steps(conn, "hello", deadline, collections.deque(),
+                                                 self._bus.path)
+                if msg is not None:
+                    conn.broker_pid = msg.get("pid", 0)
+                    self._pull = conn
+                    self._bye_checked = time.monotonic()
             except BaseException:
                 conn.close()
                 raise
@@ -2432,20 +2435,14 @@ def _cmd_stats(args: Any, node: str) -> int:
     try:
         conn.sock.sendall(_encode({"ctl": "stats"}))
         deadline = time.monotonic() + _CONNECT_TIMEOUT
-        stats = None
-        while stats is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or conn.eof:
-                raise SaltEventError(f"the broker of {bus.path} did not answer")
-            if not _wait_fd(conn.sock, False, remaining):
-                continue
-            try:
-                controls = conn.recv_into(collections.deque())
-            except BlockingIOError:
-                continue
-            stats = next((msg["stats"] for msg in controls if msg.get("ctl") == "stats"), None)
+        msg = _drive(_control_steps(conn, "stats", deadline, collections.deque(), bus.path))
+    except EventTimeout:
+        msg = None
     finally:
         conn.close()
+    if msg is None:
+        raise SaltEventError(f"the broker of {bus.path} did not answer")
+    stats = msg["stats"]
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
