@@ -1,0 +1,1272 @@
+#!/usr/bin/env python3
+"""Benchmark saltevent's bus against a minimal raw AF_UNIX relay, in the same run.
+
+Run from the repository root::
+
+    python bench/bench.py              # full suite, 3 repetitions, medians (~1.5 min)
+    python bench/bench.py --quick      # smoke run, well under 30 s
+    python bench/bench.py --json       # machine-readable output on stdout
+    python bench/bench.py --only throughput,latency --repeat 5
+    python bench/bench.py --only throughput --profile listener,firer,broker
+
+Every broker/relay, firer and listener is its own OS process (``bench.py --worker
+ROLE ARGS``, spawned with subprocess); workers report to this process as JSON lines
+over pipes and wait for a ``go`` line, the common start signal.  Times are
+``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for every process on Linux).
+
+Scenarios (S = saltevent, B = baseline relay):
+
+1. ``throughput``  1 firer -> 1 listener, 20,000 ~150-byte JSON dict events.
+2. ``fanout``      1 firer -> 8 listeners, aggregate deliveries/s.
+3. ``fanin``       4 firers -> 1 listener.
+   Rates are deliveries / (last receive at any listener - the go signal).
+4. ``latency``     1,000 events/s for 3 s; fire->receive latency p50/p99/max
+   (the firer stamps monotonic_ns into each event; the first 50 are warm-up).
+5. ``stall``       50,000 ~1 KB events while one listener does not read, one does;
+   the stalled one reads on afterwards and reports what it got and ``dropped``.
+   Broker/relay RSS is sampled from /proc every 10 ms (and VmHWM at the end).
+6. ``joinrace``    200 rounds: a long-lived process A constructs a listener, tells B
+   over a socketpair the moment the constructor returns, B fires one event; does
+   A get it?  (saltevent only: the baseline has no join guarantee to test.)
+7. ``coldstart``   wall time of a fresh interpreter that imports saltevent and fires
+   one event on a running bus (median of 20), against ``python -c pass``; plus the
+   heaviest lines of ``python -X importtime -c "import saltevent"``.
+
+The baseline ("raw relay") is the practical ceiling for a pure-Python bus: a relay
+process with a selector accept loop that recv()s what a firer sent (cut at the last
+newline) and sendall()s the same bytes to every listener; firers json.dumps + sendall;
+listeners recv, split lines, json.loads each.  No backlog bounds, no features: a
+stalled listener blocks the relay (reported, with a time cap).  The relay sends one
+b"\\n" when it accepts a listener, so a connected baseline listener is registered.
+
+saltevent's broker runs in its own process too: a helper that holds an idle
+``MasterEvent(sock_dir, listen=False)`` whose ``connect_pull()`` elects it broker.
+
+Stdlib only.  Nothing here asserts: the figures are for reading.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import select
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+THIS = os.path.abspath(__file__)
+
+# Workers import this file as a module (so it is compiled once, to a cached .pyc,
+# rather than recompiled as __main__ in every process: less start-up noise and RSS).
+WORKER_BOOT = ("import sys; sys.path[:0] = [%r, %r]; import bench; sys.exit(bench.main(sys.argv[1:]))"
+               % (HERE, ROOT))
+RELAY_PUB = "relay-pub.sock"      # baseline: listeners connect here
+RELAY_PULL = "relay-pull.sock"    # baseline: firers connect here
+RECV_BYTES = 256 << 10
+LAT_WARMUP = 50                   # events skipped at the start of the latency run
+
+# ============================================================================
+# Payloads (identical for saltevent and the baseline)
+# ============================================================================
+
+_TAG = "salt/job/20241127133800123456/ret/minion-0042"
+_PAD_1K = "x" * 840
+
+
+def make_small(seq: int) -> dict:
+    """~150 bytes of JSON (the saltevent frame adds its ``_stamp`` and the tag)."""
+    return {"id": "minion-0042", "fun": "test.ping", "jid": "20241127133800123456",
+            "seq": seq, "retcode": 0, "success": True, "return": True,
+            "t": time.monotonic_ns()}
+
+
+def make_big(seq: int) -> dict:
+    """~1 KB of JSON."""
+    return {"id": "minion-0042", "fun": "test.ping", "jid": "20241127133800123456",
+            "seq": seq, "retcode": 0, "success": True, "return": _PAD_1K,
+            "t": time.monotonic_ns()}
+
+
+PAYLOADS = {"small": make_small, "big": make_big}
+
+# ============================================================================
+# Worker side: one role per process
+# ============================================================================
+
+
+def _out(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _in() -> dict | None:
+    """Read one command line from the parent; None on EOF."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    return json.loads(line)
+
+
+def _wait_go() -> None:
+    cmd = _in()
+    if cmd is None or cmd.get("cmd") != "go":
+        raise SystemExit(f"expected go, got {cmd!r}")
+
+
+class RawListener:
+    """Baseline listener: non-blocking recv, poll() when empty, split lines, json.loads."""
+
+    def __init__(self, sock_dir: str, timeout: float = 10.0):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(os.path.join(sock_dir, RELAY_PUB))
+        if s.recv(1) != b"\n":              # the relay's accept acknowledgement
+            raise RuntimeError("relay did not acknowledge the listener")
+        s.setblocking(False)
+        self.sock = s
+        self.poller = select.poll()
+        self.poller.register(s.fileno(), select.POLLIN)
+        self.q = deque()
+        self.buf = b""
+        self.dropped = 0
+        self.gaps = 0
+
+    def next(self, wait: float):
+        q = self.q
+        if q:
+            return q.popleft()
+        recv = self.sock.recv
+        loads = json.loads
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                chunk = recv(RECV_BYTES)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.poller.poll(int(remaining * 1000) + 1):
+                    return None
+                continue
+            if not chunk:
+                return None
+            data = self.buf + chunk if self.buf else chunk
+            lines = data.split(b"\n")
+            self.buf = lines.pop()
+            for line in lines:
+                if line:
+                    q.append(loads(line))
+            if q:
+                return q.popleft()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawFirer:
+    """Baseline firer: json.dumps + sendall on a blocking socket."""
+
+    def __init__(self, sock_dir: str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(os.path.join(sock_dir, RELAY_PULL))
+        self.sock = s
+        self._sendall = s.sendall
+
+    def fire(self, data: dict, tag: str) -> bool:
+        self._sendall((json.dumps({"tag": tag, "data": data}) + "\n").encode())
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _se_listener(sock_dir: str, backlog: int | None = None):
+    import saltevent
+    opts = {"saltevent_backlog_bytes": backlog} if backlog else None
+    ev = saltevent.MasterEvent(sock_dir, opts=opts, listen=True)
+    if not ev.cpub:
+        raise RuntimeError("saltevent listener did not connect")
+    get = ev.get_event
+
+    class L:
+        def next(self, wait):
+            return get(wait=wait, full=True)
+
+        @property
+        def dropped(self):
+            return ev.dropped
+
+        @property
+        def gaps(self):
+            return getattr(ev, "gaps", 0)
+
+        def close(self):
+            ev.destroy()
+    return L()
+
+
+def _se_firer(sock_dir: str):
+    import saltevent
+    ev = saltevent.MasterEvent(sock_dir, listen=False)
+    if not ev.connect_pull(timeout=10):
+        raise RuntimeError("saltevent firer did not connect")
+
+    class F:
+        fire = ev.fire_event
+
+        def close(self):
+            ev.destroy()
+    return F()
+
+
+def w_listener(a: dict) -> None:
+    """Read events; report count, first/last receive time, latency summary, drops."""
+    if a["impl"] == "se":
+        lst = _se_listener(a["sock_dir"], a.get("backlog"))
+    else:
+        lst = RawListener(a["sock_dir"])
+    _out({"ready": True, "pid": os.getpid()})
+    if a.get("stall"):
+        cmd = _in()                                   # do not read until told
+        if cmd is None:
+            return
+    expect = a["expect"]
+    latency = a.get("latency", False)
+    nxt = lst.next
+    mono = time.monotonic_ns
+    lat = []
+    n = 0
+    t_first = t_last = 0
+    t_resume = mono()
+    ev = nxt(a["first_wait"])
+    idle = a["idle"]
+    stop_at = time.monotonic() + a["max_time"]
+    while ev is not None:
+        now = mono()
+        if not n:
+            t_first = now
+        n += 1
+        t_last = now
+        if latency:
+            lat.append(now - ev["data"]["t"])
+        if n + lst.dropped >= expect:
+            break
+        if not n & 1023 and time.monotonic() > stop_at:
+            break
+        ev = nxt(idle)
+    res = {"n": n, "t_first": t_first, "t_last": t_last, "t_resume": t_resume,
+           "dropped": lst.dropped, "gaps": lst.gaps}
+    if latency:
+        lat = lat[LAT_WARMUP:] or lat
+        lat.sort()
+        res["lat"] = {"n": len(lat), "p50_ms": _pct(lat, 50) / 1e6, "p99_ms": _pct(lat, 99) / 1e6,
+                      "max_ms": lat[-1] / 1e6 if lat else None,
+                      "mean_ms": sum(lat) / len(lat) / 1e6 if lat else None}
+    _out({"result": res})
+    lst.close()
+
+
+def _pct(sorted_vals: list, p: float):
+    if not sorted_vals:
+        return float("nan")
+    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def w_firer(a: dict) -> None:
+    """Fire ``count`` events (optionally paced); report timing, failures, max call time."""
+    if a["impl"] == "se":
+        f = _se_firer(a["sock_dir"])
+    else:
+        f = RawFirer(a["sock_dir"])
+    make = PAYLOADS[a["payload"]]
+    count = a["count"]
+    seq0 = a.get("seq0", 0)
+    rate = a.get("rate")
+    track = a.get("track_calls", False)
+    fire = f.fire
+    tag = _TAG
+    mono = time.monotonic_ns
+    _out({"ready": True, "pid": os.getpid()})
+    _wait_go()
+    fails = 0
+    max_call = 0
+    t_start = mono()
+    if rate:
+        interval = 1e9 / rate
+        sleep = time.sleep
+        for i in range(count):
+            target = t_start + int(i * interval)
+            now = mono()
+            if target > now:
+                sleep((target - now) / 1e9)
+            if not fire(make(seq0 + i), tag):
+                fails += 1
+    elif track:
+        for i in range(count):
+            t0 = mono()
+            if not fire(make(seq0 + i), tag):
+                fails += 1
+            dt = mono() - t0
+            if dt > max_call:
+                max_call = dt
+    else:
+        for i in range(count):
+            if not fire(make(seq0 + i), tag):
+                fails += 1
+    t_end = mono()
+    _out({"result": {"t_start": t_start, "t_end": t_end, "fails": fails,
+                     "max_call_ms": max_call / 1e6 if track else None}})
+    # Keep the connection open until told: closing early can only hurt delivery.
+    _in()
+    f.close()
+
+
+def w_se_broker(a: dict) -> None:
+    """Hold saltevent's broker for ``sock_dir`` in this process until stdin closes."""
+    import saltevent
+    prof = None
+    if a.get("profile"):
+        import cProfile
+        prof = cProfile.Profile()
+        # Profile the broker thread too: enable the profiler from inside each new thread.
+        threading.setprofile(lambda *_: prof.enable())
+    ev = saltevent.MasterEvent(a["sock_dir"], listen=False)
+    if not ev.connect_pull(timeout=10):
+        raise RuntimeError("could not start saltevent's broker")
+    brokers = getattr(saltevent, "_brokers", None)
+    here = None
+    if isinstance(brokers, dict):
+        bus = getattr(ev, "_bus", None)
+        path = getattr(bus, "path", None) or getattr(ev, "puburi", None)
+        here = path in brokers
+    ev.close_pull()
+    threading.setprofile(None)
+    _out({"ready": True, "pid": os.getpid(), "broker_here": here})
+    while True:
+        cmd = _in()
+        if cmd is None or cmd.get("cmd") == "stop":
+            break
+    ev.destroy()
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(a["profile"])
+
+
+def w_relay(a: dict) -> None:
+    """The baseline relay: selector accept loop, recv from firers, sendall to listeners."""
+    d = a["sock_dir"]
+    pull = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pull.bind(os.path.join(d, RELAY_PULL))
+    pull.listen(128)
+    pub = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pub.bind(os.path.join(d, RELAY_PUB))
+    pub.listen(128)
+    sel = selectors.DefaultSelector()
+    sel.register(pull, selectors.EVENT_READ, "pull")
+    sel.register(pub, selectors.EVENT_READ, "pub")
+    stdin_fd = sys.stdin.fileno()
+    sel.register(stdin_fd, selectors.EVENT_READ, "ctl")
+    listeners = []
+    partial = {}
+    _out({"ready": True, "pid": os.getpid()})
+    while True:
+        for key, _ in sel.select():
+            what = key.data
+            if what == "pull":
+                conn, _ = pull.accept()
+                partial[conn] = b""
+                sel.register(conn, selectors.EVENT_READ, conn)
+            elif what == "pub":
+                conn, _ = pub.accept()
+                conn.sendall(b"\n")
+                listeners.append(conn)
+            elif what == "ctl":
+                if not os.read(stdin_fd, 4096):
+                    return
+            else:
+                conn = what
+                chunk = conn.recv(RECV_BYTES)
+                if not chunk:
+                    sel.unregister(conn)
+                    del partial[conn]
+                    conn.close()
+                    continue
+                end = chunk.rfind(b"\n") + 1
+                head = partial[conn]
+                if not end:
+                    partial[conn] = head + chunk
+                    continue
+                block = head + chunk[:end] if head else chunk[:end]
+                partial[conn] = chunk[end:]
+                for lst in listeners:
+                    try:
+                        lst.sendall(block)
+                    except OSError:
+                        listeners.remove(lst)
+                        lst.close()
+                        break
+
+
+def w_race_a(a: dict) -> None:
+    """Join race, process A: per round, construct a listener, signal B, wait for the event."""
+    import saltevent
+    sig = socket.socket(fileno=a["fd"])
+    _out({"ready": True, "pid": os.getpid()})
+    while True:
+        cmd = _in()
+        if cmd is None or cmd.get("cmd") != "round":
+            break
+        i = cmd["i"]
+        t0 = time.monotonic_ns()
+        ev = saltevent.MasterEvent(a["sock_dir"], listen=True)
+        t1 = time.monotonic_ns()
+        sig.sendall(b"%d\n" % i)
+        want = f"race/{i}"
+        got = ev.get_event(wait=a["wait"], tag=want, full=True)
+        t2 = time.monotonic_ns()
+        ev.destroy()
+        _out({"i": i, "hit": got is not None and got.get("tag") == want,
+              "ctor_ms": (t1 - t0) / 1e6, "recv_ms": (t2 - t1) / 1e6})
+
+
+def w_race_b(a: dict) -> None:
+    """Join race, process B: fire ``race/<i>`` each time A signals round i."""
+    import saltevent
+    sig = socket.socket(fileno=a["fd"])
+    ev = saltevent.MasterEvent(a["sock_dir"], listen=False)
+    ev.connect_pull(timeout=10)
+    _out({"ready": True, "pid": os.getpid()})
+    buf = b""
+    fails = 0
+    while True:
+        chunk = sig.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if not ev.fire_event({"round": int(line)}, f"race/{int(line)}"):
+                fails += 1
+    ev.destroy()
+
+
+WORKERS = {"listener": w_listener, "firer": w_firer, "se_broker": w_se_broker,
+           "relay": w_relay, "race_a": w_race_a, "race_b": w_race_b}
+
+
+def worker_main(role: str, args_json: str) -> int:
+    a = json.loads(args_json)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    prof = None
+    if a.get("profile") and role != "se_broker":
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    try:
+        WORKERS[role](a)
+    except BaseException:
+        try:
+            _out({"error": traceback.format_exc()})
+        except Exception:
+            pass
+        traceback.print_exc()
+        return 1
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(a["profile"])
+    return 0
+
+
+# ============================================================================
+# Parent side: processes, scenarios, report
+# ============================================================================
+
+
+class ScenarioTimeout(Exception):
+    pass
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+class Proc:
+    """One worker process, spoken to in JSON lines."""
+
+    def __init__(self, ctx: "Ctx", name: str, role: str, args: dict, pass_fds=()):
+        self.name = name
+        self.err_path = os.path.join(ctx.log_dir, f"{ctx.seq:03d}-{name}.err")
+        ctx.seq += 1
+        if ctx.profile_roles and _profile_key(role, args) in ctx.profile_roles and args.get("impl", "se") == "se":
+            args = dict(args, profile=os.path.join(ctx.prof_dir, f"{name}-{ctx.seq:03d}.prof"))
+            ctx.prof_files.append((name, args["profile"]))
+        with open(self.err_path, "wb") as err:
+            self.p = subprocess.Popen(
+                [sys.executable, "-c", WORKER_BOOT, "--worker", role, json.dumps(args)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                pass_fds=pass_fds, cwd=ROOT, env=ctx.env, start_new_session=True)
+        self.pid = self.p.pid
+        self.fd = self.p.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf = b""
+        ctx.procs.append(self)
+
+    def send(self, obj: dict) -> None:
+        try:
+            self.p.stdin.write((json.dumps(obj) + "\n").encode())
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def recv(self, deadline: float, soft: bool = False):
+        """Return the next JSON line; at *deadline* raise ScenarioTimeout (or None if soft)."""
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if soft:
+                    return None
+                raise ScenarioTimeout(f"{self.name}: no answer in time")
+            r, _, _ = select.select([self.fd], [], [], remaining)
+            if not r:
+                continue
+            try:
+                chunk = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self.p.wait(1)
+                raise WorkerFailed(f"{self.name} exited ({self.p.returncode}): {self.err_tail()}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if "error" in msg:
+            raise WorkerFailed(f"{self.name} failed:\n{msg['error']}")
+        return msg
+
+    def err_tail(self, n: int = 1500) -> str:
+        try:
+            with open(self.err_path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def err_lines(self) -> int:
+        try:
+            with open(self.err_path, "rb") as f:
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)   # its own session: only its group
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.p.stdin, self.p.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Close stdin (the polite stop) and give it *timeout* to exit."""
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _profile_key(role: str, args: dict) -> str:
+    if role == "se_broker":
+        return "broker"
+    if role == "listener" and args.get("stall"):
+        return "stalled"
+    return role
+
+
+class Ctx:
+    """Per-run state: every process started, where logs go, configuration."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.procs: list = []
+        self.seq = 0
+        self.log_dir = tempfile.mkdtemp(prefix="se-blog")
+        self.prof_dir = cfg.profile_dir
+        self.profile_roles = set(cfg.profile.split(",")) if cfg.profile else set()
+        self.prof_files: list = []
+        # Run every worker as installed code runs: with compiled .pyc files.  The
+        # environment may set PYTHONDONTWRITEBYTECODE (then every process would
+        # recompile saltevent.py: ~25 ms and ~6 MB RSS); cache them outside the repo.
+        self.pyc_dir = tempfile.mkdtemp(prefix="se-bpyc")
+        self.env = dict(os.environ, PYTHONPYCACHEPREFIX=self.pyc_dir)
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+
+    def kill_all(self) -> None:
+        procs, self.procs = self.procs, []
+        for p in procs:
+            p.kill()
+
+
+class RssSampler(threading.Thread):
+    """Sample VmRSS of one pid every *interval* seconds; keep the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_kb = 0
+        self.first_kb = None
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            st = read_status(self.pid)
+            if not st:
+                return
+            rss = st.get("VmRSS", 0)
+            if self.first_kb is None:
+                self.first_kb = rss
+            if rss > self.peak_kb:
+                self.peak_kb = rss
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._stop_evt.set()
+        self.join(2)
+        st = read_status(self.pid)
+        hwm = st.get("VmHWM", 0)
+        peak = max(self.peak_kb, hwm)
+        return {"rss_start_mb": (self.first_kb or 0) / 1024, "rss_peak_mb": peak / 1024,
+                "rss_growth_mb": (peak - (self.first_kb or 0)) / 1024,
+                "rss_sampled_peak_mb": self.peak_kb / 1024, "vmhwm_mb": hwm / 1024,
+                "rss_end_mb": st.get("VmRSS", 0) / 1024}
+
+
+def read_status(pid: int) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def start_bus(ctx: Ctx, impl: str, d: str, deadline: float) -> Proc:
+    if impl == "se":
+        b = Proc(ctx, "se-broker", "se_broker", {"sock_dir": d})
+    else:
+        b = Proc(ctx, "relay", "relay", {"sock_dir": d})
+    msg = b.recv(deadline)
+    if impl == "se" and msg.get("broker_here") is False:
+        raise WorkerFailed("the saltevent helper did not become the broker")
+    b.t_ready = time.monotonic()
+    return b
+
+
+def _wait_all_ready(procs, deadline) -> None:
+    for p in procs:
+        p.recv(deadline)
+
+
+# -- scenarios 1-4 -----------------------------------------------------------
+
+
+def sc_flow(ctx: Ctx, impl: str, d: str, deadline: float, *, firers: int, listeners: int,
+            count: int, payload: str = "small", rate: int | None = None,
+            latency: bool = False) -> dict:
+    """N firers -> M listeners; ``count`` events in all, split between the firers."""
+    bus = start_bus(ctx, impl, d, deadline)
+    per = count // firers
+    total = per * firers
+    cap = deadline - time.monotonic()
+    ls = [Proc(ctx, f"listener{i}", "listener",
+               {"impl": impl, "sock_dir": d, "expect": total, "latency": latency,
+                "first_wait": cap, "idle": 5.0, "max_time": cap})
+          for i in range(listeners)]
+    fs = [Proc(ctx, f"firer{i}", "firer",
+               {"impl": impl, "sock_dir": d, "count": per, "seq0": i * per,
+                "payload": payload, "rate": rate})
+          for i in range(firers)]
+    _wait_all_ready(ls + fs, deadline)
+    rss = RssSampler(bus.pid)
+    rss.start()
+    t_go = time.monotonic_ns()
+    for f in fs:
+        f.send({"cmd": "go"})
+    fres = [f.recv(deadline)["result"] for f in fs]
+    lres = [p.recv(deadline)["result"] for p in ls]
+    for f in fs:
+        f.send({"cmd": "done"})
+    mem = rss.stop()
+    got = sum(r["n"] for r in lres)
+    t_last = max(r["t_last"] for r in lres)
+    secs = (t_last - t_go) / 1e9 if got else float("nan")
+    res = {"events": total, "listeners": listeners, "firers": firers, "received": got,
+           "expected": total * listeners, "rate": got / secs if got else 0.0,
+           "seconds": secs,
+           "fire_seconds": (max(r["t_end"] for r in fres) - t_go) / 1e9,
+           "fire_fails": sum(r["fails"] for r in fres),
+           "dropped": sum(r["dropped"] for r in lres), **mem}
+    if latency:
+        res.update(lres[0]["lat"])
+    return res
+
+
+# -- scenario 5 --------------------------------------------------------------
+
+
+def sc_stall(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
+    cfg = ctx.cfg
+    n = cfg.stall_events
+    bus = start_bus(ctx, impl, d, deadline)
+    cap = deadline - time.monotonic()
+    stalled = Proc(ctx, "stalled", "listener",
+                   {"impl": impl, "sock_dir": d, "expect": n, "stall": True, "first_wait": 5.0,
+                    "idle": 5.0, "max_time": cap, "backlog": cfg.stall_backlog})
+    normal = Proc(ctx, "normal", "listener",
+                  {"impl": impl, "sock_dir": d, "expect": n, "first_wait": cap,
+                   "idle": cfg.stall_cap + 10.0, "max_time": cap})   # outlasts a blocked relay
+    firer = Proc(ctx, "firer", "firer",
+                 {"impl": impl, "sock_dir": d, "count": n, "payload": "big", "track_calls": True})
+    _wait_all_ready([stalled, normal, firer], deadline)
+    if impl == "se" and cfg.settle:
+        # A steady-state broker: past any start-up window (saltevent keeps a short
+        # replay buffer for resuming listeners right after a broker starts).
+        wait = bus.t_ready + cfg.settle - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+    rss = RssSampler(bus.pid)
+    rss.start()
+    t_go = time.monotonic_ns()
+    firer.send({"cmd": "go"})
+    t_cap = time.monotonic() + cfg.stall_cap
+    capped = False
+    fres = firer.recv(min(t_cap, deadline), soft=True)
+    if fres is None:
+        capped = True
+        stalled.send({"cmd": "read"})
+        fres = firer.recv(deadline)
+    fres = fres["result"]
+    nres = normal.recv(min(deadline, time.monotonic() + 5.0), soft=True)
+    if not capped:
+        if nres is None:
+            capped = True
+        stalled.send({"cmd": "read"})
+    if nres is None:
+        nres = normal.recv(deadline)
+    nres = nres["result"]
+    sres = stalled.recv(deadline)["result"]
+    firer.send({"cmd": "done"})
+    mem = rss.stop()
+    return {
+        "events": n,
+        "burst_seconds": (fres["t_end"] - fres["t_start"]) / 1e9,
+        "capped": capped, "cap_seconds": cfg.stall_cap,
+        "max_call_ms": fres["max_call_ms"], "fire_fails": fres["fails"],
+        "normal_received": nres["n"], "normal_dropped": nres["dropped"],
+        "normal_done_seconds": (nres["t_last"] - t_go) / 1e9 if nres["n"] else None,
+        "stalled_received": sres["n"], "stalled_dropped": sres["dropped"],
+        "stalled_total": sres["n"] + sres["dropped"], "stalled_gaps": sres["gaps"],
+        "stalled_read_seconds": (sres["t_last"] - sres["t_resume"]) / 1e9 if sres["n"] else None,
+        "broker_stderr_lines": bus.err_lines(),
+        **mem,
+    }
+
+
+# -- scenario 6 --------------------------------------------------------------
+
+
+def sc_joinrace(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
+    start_bus(ctx, "se", d, deadline)
+    a_sock, b_sock = socket.socketpair()
+    try:
+        A = Proc(ctx, "race-a", "race_a", {"sock_dir": d, "fd": a_sock.fileno(), "wait": 1.0},
+                 pass_fds=(a_sock.fileno(),))
+        B = Proc(ctx, "race-b", "race_b", {"sock_dir": d, "fd": b_sock.fileno()},
+                 pass_fds=(b_sock.fileno(),))
+    finally:
+        a_sock.close()
+        b_sock.close()
+    _wait_all_ready([A, B], deadline)
+    misses = []
+    ctor = []
+    recv = []
+    rounds = ctx.cfg.race_rounds
+    for i in range(rounds):
+        A.send({"cmd": "round", "i": i})
+        r = A.recv(deadline)
+        if not r["hit"]:
+            misses.append(i)
+        ctor.append(r["ctor_ms"])
+        recv.append(r["recv_ms"])
+    return {"rounds": rounds, "misses": len(misses), "missed_rounds": misses[:20],
+            "ctor_ms_median": statistics.median(ctor), "ctor_ms_max": max(ctor),
+            "recv_ms_median": statistics.median(recv)}
+
+
+# -- scenario 7 --------------------------------------------------------------
+
+
+def _time_cmd(argv, env, deadline) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=max(1.0, deadline - time.monotonic()))
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise WorkerFailed(f"{argv[-1][:60]!r} exited {r.returncode}: {r.stderr[-800:].decode(errors='replace')}")
+    return dt
+
+
+def sc_coldstart(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
+    start_bus(ctx, "se", d, deadline)
+    py = sys.executable
+    env = dict(ctx.env)
+    env.pop("PYTHONPATH", None)
+    nopyc_env = dict(env, PYTHONDONTWRITEBYTECODE="1")
+    nopyc_env.pop("PYTHONPYCACHEPREFIX")
+    return _coldstart(ctx, d, py, env, nopyc_env, deadline)
+
+
+def _coldstart(ctx: Ctx, d: str, py: str, env: dict, nopyc_env: dict, deadline: float) -> dict:
+    fire = ("import saltevent; e = saltevent.MasterEvent(%r, listen=False); "
+            "ok = e.fire_event({'a': 1}, 'x'); e.destroy(); raise SystemExit(0 if ok else 3)" % d)
+    bare = [py, "-c", "pass"]
+    se = [py, "-c", fire]
+    for _ in range(2):                                      # warm the page cache and .pyc
+        _time_cmd(bare, env, deadline)
+        _time_cmd(se, env, deadline)
+    t_bare, t_se, t_nopyc = [], [], []
+    for _ in range(ctx.cfg.cold_runs):                      # interleaved: same noise for both
+        t_bare.append(_time_cmd(bare, env, deadline))
+        t_se.append(_time_cmd(se, env, deadline))
+    for _ in range(max(3, ctx.cfg.cold_runs // 4)):
+        t_nopyc.append(_time_cmd(se, nopyc_env, deadline))
+    r = subprocess.run([py, "-X", "importtime", "-c", "import saltevent"], cwd=ROOT, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    imports = []
+    for line in r.stderr.decode(errors="replace").splitlines():
+        if not line.startswith("import time:") or "[us]" in line:
+            continue
+        _, selfus, cum, name = _parse_importtime(line)
+        imports.append({"module": name.strip(), "depth": (len(name) - len(name.lstrip())) // 2,
+                        "self_us": selfus, "cumulative_us": cum})
+    # importtime prints a module's imports (deeper) right before the module itself.
+    idx = next((k for k, i in enumerate(imports) if i["module"] == "saltevent"), None)
+    sub = []
+    if idx is not None:
+        k = idx - 1
+        while k >= 0 and imports[k]["depth"] > imports[idx]["depth"]:
+            sub.append(imports[k])
+            k -= 1
+        sub.append(imports[idx])
+    se_imp = imports[idx] if idx is not None else {}
+    top = sorted(sub, key=lambda i: -i["cumulative_us"])[:10]
+    site = next((i for i in imports if i["module"] == "site"), {})
+    med_bare, med_se = statistics.median(t_bare), statistics.median(t_se)
+    return {"runs": ctx.cfg.cold_runs, "bare_ms": med_bare * 1e3, "fire_ms": med_se * 1e3,
+            "ratio": med_se / med_bare, "fire_ms_min": min(t_se) * 1e3, "bare_ms_min": min(t_bare) * 1e3,
+            "fire_nopyc_ms": statistics.median(t_nopyc) * 1e3,
+            "import_saltevent_us": se_imp.get("cumulative_us"),
+            "import_saltevent_self_us": se_imp.get("self_us"),
+            "saltevent_new_modules": len(sub) - 1,
+            "site_cumulative_us": site.get("cumulative_us"),
+            "importtime_top": top}
+
+
+def _parse_importtime(line: str):
+    # "import time:       123 |        456 |   name"
+    body = line.split(":", 1)[1]
+    a, b, name = body.split("|", 2)
+    return None, int(a), int(b), name.rstrip()
+
+
+# -- running ----------------------------------------------------------------
+
+SCENARIOS = ["throughput", "fanout", "fanin", "latency", "stall", "joinrace", "coldstart"]
+SE_ONLY = {"joinrace", "coldstart"}
+
+
+def run_one(ctx: Ctx, name: str, impl: str) -> dict:
+    cfg = ctx.cfg
+    d = tempfile.mkdtemp(prefix="se-b")
+    deadline = time.monotonic() + cfg.timeout
+    try:
+        if name == "throughput":
+            return sc_flow(ctx, impl, d, deadline, firers=1, listeners=1, count=cfg.events)
+        if name == "fanout":
+            return sc_flow(ctx, impl, d, deadline, firers=1, listeners=8, count=cfg.events)
+        if name == "fanin":
+            return sc_flow(ctx, impl, d, deadline, firers=4, listeners=1, count=cfg.events)
+        if name == "latency":
+            return sc_flow(ctx, impl, d, deadline, firers=1, listeners=1,
+                           count=int(1000 * cfg.latency_seconds), rate=1000, latency=True)
+        if name == "stall":
+            return sc_stall(ctx, impl, d, deadline)
+        if name == "joinrace":
+            return sc_joinrace(ctx, impl, d, deadline)
+        if name == "coldstart":
+            return sc_coldstart(ctx, impl, d, deadline)
+        raise ValueError(name)
+    except (ScenarioTimeout, WorkerFailed, subprocess.TimeoutExpired, OSError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        procs, ctx.procs = ctx.procs, []
+        for p in procs:           # ask politely first (brokers hand off), then make sure
+            if p.p.poll() is None:
+                try:
+                    p.p.stdin.close()
+                except OSError:
+                    pass
+        t_end = time.monotonic() + 1.0
+        for p in procs:
+            try:
+                p.p.wait(max(0.01, t_end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            p.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def median_result(runs: list) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0]["error"] if runs else "not run"}
+    out = {}
+    for k, v in ok[0].items():
+        vals = [r.get(k) for r in ok]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            out[k] = statistics.median(vals)
+        elif all(isinstance(x, bool) for x in vals):
+            out[k] = any(vals)
+        else:
+            out[k] = vals[len(vals) // 2]
+    if len(ok) < len(runs):
+        out["errors"] = [r["error"] for r in runs if "error" in r]
+    return out
+
+
+# -- report -----------------------------------------------------------------
+
+
+def fmt_num(v, unit=""):
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, str):
+        return v
+    a = abs(v)
+    if float(v).is_integer() and a < 1e15:
+        return f"{int(v):,}" + unit
+    if a >= 1000:
+        s = f"{v:,.0f}"
+    elif a >= 100:
+        s = f"{v:.0f}"
+    elif a >= 10:
+        s = f"{v:.1f}"
+    elif a >= 1:
+        s = f"{v:.2f}"
+    else:
+        s = f"{v:.3f}"
+    return s + unit
+
+
+def build_rows(results: dict, cfg) -> list:
+    """Rows: (scenario, metric, saltevent, baseline, ratio, better, target, met)."""
+    rows = []
+
+    def get(name, impl, key):
+        r = results.get(name, {}).get(impl, {}).get("median", {})
+        return r.get(key), r.get("error")
+
+    def row(name, label, key, better, target=None, unit="", cmp=None, base_key=None, note=""):
+        s, se_err = get(name, "saltevent", key)
+        b, b_err = get(name, "baseline", base_key or key)
+        if name not in results:
+            return
+        ratio = None
+        if better in ("higher", "lower") and isinstance(s, (int, float)) and isinstance(b, (int, float)) and s and b:
+            ratio = s / b if better == "higher" else b / s
+        met = None
+        if target is not None and isinstance(s, (int, float)):
+            met = cmp(s, target)
+        rows.append({
+            "scenario": name, "metric": label,
+            "saltevent": "ERROR" if se_err else fmt_num(s, unit),
+            "baseline": "ERROR" if b_err else ("n/a" if b is None else fmt_num(b, unit)),
+            "ratio": "-" if ratio is None else f"{ratio:.2f}x",
+            "better": better, "target": note or (fmt_num(target, unit) if target is not None else ""),
+            "met": "" if met is None else ("yes" if met else "NO"),
+            "raw": {"saltevent": s, "baseline": b, "ratio": ratio},
+        })
+
+    ge = lambda s, t: s >= t  # noqa: E731
+    le = lambda s, t: s <= t  # noqa: E731
+    lt = lambda s, t: s < t  # noqa: E731
+    full = not cfg.quick
+    row("throughput", f"1->1 events/s ({cfg.events:,} ev)", "rate", "higher", 80000 if full else None, cmp=ge,
+        note=">= 80,000" if full else "")
+    row("fanout", f"1->8 deliveries/s ({cfg.events:,} ev)", "rate", "higher", 160000 if full else None, cmp=ge,
+        note=">= 160,000" if full else "")
+    row("fanin", f"4->1 events/s ({cfg.events:,} ev)", "rate", "higher", 85000 if full else None, cmp=ge,
+        note=">= 85,000" if full else "")
+    row("latency", "p50 ms @1000/s", "p50_ms", "lower", 0.18, cmp=lt, note="< 0.18")
+    row("latency", "p99 ms @1000/s", "p99_ms", "lower", 0.4, cmp=lt, note="< 0.4")
+    row("latency", "max ms @1000/s", "max_ms", "lower")
+    n = cfg.stall_events
+    row("stall", f"burst s ({n:,} x 1KB ev)", "burst_seconds", "lower", 1.0 if full else None, cmp=lt,
+        note="< 1" if full else "")
+    row("stall", "firer max fire call ms", "max_call_ms", "lower")
+    row("stall", "normal listener got", "normal_received", "higher", n, cmp=ge, note=f"{n:,}")
+    row("stall", "stalled: received", "stalled_received", "info")
+    row("stall", "stalled: told dropped", "stalled_dropped", "info")
+    row("stall", "stalled: received+dropped", "stalled_total", "info", n, cmp=lambda s, t: s == t,
+        note=f"= {n:,}")
+    row("stall", "broker RSS peak MB", "rss_peak_mb", "lower")
+    row("stall", "broker RSS growth MB", "rss_growth_mb", "lower")
+    row("joinrace", f"missed of {cfg.race_rounds}", "misses", "info", 0, cmp=le, note="0")
+    row("joinrace", "listener ctor ms (median)", "ctor_ms_median", "info")
+    row("coldstart", "fire-one-event process ms", "fire_ms", "lower")
+    # cold start: the baseline is a bare interpreter
+    if "coldstart" in results:
+        m = results["coldstart"].get("saltevent", {}).get("median", {})
+        if "error" not in m:
+            rows[-1]["baseline"] = fmt_num(m.get("bare_ms"), "") + " (bare)"
+            ratio = m.get("ratio")
+            rows[-1]["ratio"] = f"{ratio:.2f}x" if ratio else "-"
+            rows[-1]["better"] = "lower (se/bare)"
+            rows[-1]["target"] = "<= 1.30x"
+            rows[-1]["met"] = "yes" if ratio and ratio <= 1.3 else "NO"
+            rows[-1]["raw"] = {"saltevent": m.get("fire_ms"), "baseline": m.get("bare_ms"), "ratio": ratio}
+            row("coldstart", "import saltevent us (cum.)", "import_saltevent_us", "info")
+    return rows
+
+
+def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> None:
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"saltevent bench  |  Python {meta['python']} ({meta['implementation']})  |  "
+      f"{meta['cpus']} CPUs  |  {meta['date']}")
+    p(f"{meta['platform']}  |  saltevent {meta['saltevent_version']}  |  "
+      f"repeat={cfg.repeat} (medians){'  |  QUICK (smoke) mode' if cfg.quick else ''}")
+    if meta.get("loadavg"):
+        end = os.getloadavg()
+        p(f"load average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in meta['loadavg'])},"
+          f" at end {' '.join(f'{x:.2f}' for x in end)}  (other work on the machine adds noise)")
+    p("ratio: higher-is-better metrics saltevent/baseline, lower-is-better baseline/saltevent;"
+      " so > 1.00x means saltevent is better.")
+    p("")
+    cols = ["scenario", "metric", "saltevent", "baseline", "ratio", "target", "met"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
+    p("  ".join(c.ljust(widths[c]) for c in cols))
+    p("  ".join("-" * widths[c] for c in cols))
+    last = None
+    for r in rows:
+        sc = r["scenario"] if r["scenario"] != last else ""
+        last = r["scenario"]
+        cells = dict(r, scenario=sc)
+        p("  ".join((str(cells[c]).rjust(widths[c]) if c in ("saltevent", "baseline", "ratio")
+                     else str(cells[c]).ljust(widths[c])) for c in cols))
+    p("")
+    notes = []
+    st = results.get("stall", {})
+    for impl in ("saltevent", "baseline"):
+        m = st.get(impl, {}).get("median", {})
+        if m and "error" not in m:
+            notes.append(
+                f"stall/{impl}: burst {fmt_num(m['burst_seconds'])} s"
+                f"{' (CAPPED: the firer stayed blocked until the stalled listener was let read after ' + fmt_num(m['cap_seconds']) + ' s)' if m.get('capped') else ''}"
+                f", fire fails {m['fire_fails']}, normal listener done at {fmt_num(m['normal_done_seconds'])} s,"
+                f" stalled read {fmt_num(m['stalled_received'])} + dropped {fmt_num(m['stalled_dropped'])}"
+                f" in {fmt_num(m['stalled_read_seconds'])} s after resuming, RSS {fmt_num(m['rss_start_mb'])} ->"
+                f" {fmt_num(m['rss_peak_mb'])} MB, broker stderr lines {m.get('broker_stderr_lines')}")
+    for name in ("throughput", "fanout", "fanin", "latency"):
+        for impl in ("saltevent", "baseline"):
+            m = results.get(name, {}).get(impl, {}).get("median", {})
+            if m and "error" not in m and (m.get("received") != m.get("expected") or m.get("fire_fails")
+                                           or m.get("dropped")):
+                notes.append(f"{name}/{impl}: received {m.get('received')} of {m.get('expected')},"
+                             f" fire fails {m.get('fire_fails')}, dropped {m.get('dropped')}")
+    for name, impls in results.items():
+        for impl, r in impls.items():
+            for e in r.get("errors", []) + ([r["median"]["error"]] if "error" in r.get("median", {}) else []):
+                notes.append(f"{name}/{impl} ERROR: {e.splitlines()[0] if e else e}"
+                             + (f" ... {e.splitlines()[-1]}" if e and len(e.splitlines()) > 1 else ""))
+    cs = results.get("coldstart", {}).get("saltevent", {}).get("median", {})
+    if cs and "error" not in cs:
+        notes.append(f"coldstart: median of {cs['runs']}: fire-one-event {fmt_num(cs['fire_ms'])} ms,"
+                     f" bare `python -c pass` {fmt_num(cs['bare_ms'])} ms, ratio {cs['ratio']:.2f}x"
+                     f" (.pyc cached; without .pyc: {fmt_num(cs['fire_nopyc_ms'])} ms);"
+                     f" site.py alone {fmt_num(cs['site_cumulative_us'])} us.")
+        notes.append(f"  python -X importtime -c 'import saltevent': {cs['saltevent_new_modules']} modules"
+                     f" beyond site's; heaviest (cumulative us):")
+        for i in cs.get("importtime_top", [])[:8]:
+            notes.append(f"    {i['cumulative_us']:>8} us cum  {i['self_us']:>7} us self  "
+                         f"{'  ' * i['depth']}{i['module'].strip()}")
+    jr = results.get("joinrace", {}).get("saltevent", {}).get("median", {})
+    if jr and "error" not in jr and jr.get("misses"):
+        notes.append(f"joinrace: missed rounds (first 20 of one run): {jr['missed_rounds']}")
+    if notes:
+        p("notes:")
+        for n in notes:
+            p("  " + n)
+
+
+def collect_meta() -> dict:
+    try:
+        sys.path.insert(0, ROOT)
+        import saltevent
+        version = getattr(saltevent, "__version__", "?")
+        path = saltevent.__file__
+    except Exception as exc:  # pragma: no cover
+        version, path = f"import failed: {exc}", None
+    finally:
+        if sys.path and sys.path[0] == ROOT:
+            sys.path.pop(0)
+    return {"python": platform.python_version(), "implementation": platform.python_implementation(),
+            "executable": sys.executable, "cpus": os.cpu_count(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "platform": platform.platform(), "saltevent_version": version, "saltevent_path": path,
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def print_profiles(ctx: Ctx, out) -> None:
+    import io
+    import pstats
+    for name, path in ctx.prof_files:
+        if not os.path.exists(path):
+            continue
+        buf = io.StringIO()
+        st = pstats.Stats(path, stream=buf)
+        st.sort_stats("tottime").print_stats(18)
+        print(f"\n===== profile: {name} ({path}) =====", file=out)
+        text = buf.getvalue()
+        print(text[text.find("   ncalls"):] if "   ncalls" in text else text, file=out)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--quick", action="store_true", help="short smoke version (< ~30 s)")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions, median reported (default 3; quick 1)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    ap.add_argument("--impl", default="both", choices=["both", "saltevent", "baseline"])
+    ap.add_argument("--timeout", type=float, default=None, help="hard per-scenario timeout, s")
+    ap.add_argument("--profile", default="",
+                    help="cProfile saltevent workers of these roles: firer,listener,stalled,broker")
+    ap.add_argument("--profile-dir", default=None, help="where .prof files go (default: a temp dir)")
+    ap.add_argument("--worker", nargs=2, metavar=("ROLE", "ARGS"), help=argparse.SUPPRESS)
+    cfg = ap.parse_args(argv)
+    q = cfg.quick
+    cfg.repeat = cfg.repeat or (1 if q else 3)
+    cfg.timeout = cfg.timeout or (20.0 if q else 120.0)
+    cfg.events = 5000 if q else 20000
+    cfg.latency_seconds = 1.0 if q else 3.0
+    cfg.stall_events = 10000 if q else 50000
+    cfg.stall_backlog = (2 << 20) if q else None     # quick: a small backlog so drops show
+    cfg.stall_cap = 5.0 if q else 10.0
+    cfg.settle = 0.0 if q else 3.5
+    cfg.race_rounds = 50 if q else 200
+    cfg.cold_runs = 5 if q else 20
+    return cfg
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1], argv[2])
+    cfg = parse_args(argv)
+    if cfg.profile and not cfg.profile_dir:
+        cfg.profile_dir = tempfile.mkdtemp(prefix="se-bprof")
+    unknown = set(filter(None, cfg.only.split(","))) - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    names = [s for s in SCENARIOS if not cfg.only or s in cfg.only.split(",")]
+    impls = {"both": ["se", "base"], "saltevent": ["se"], "baseline": ["base"]}[cfg.impl]
+    meta = collect_meta()
+    ctx = Ctx(cfg)
+    results: dict = {}
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with SIGINT ignored
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        for name in names:
+            runs = {"saltevent": [], "baseline": []}
+            for rep in range(cfg.repeat):
+                for impl in impls:
+                    if impl == "base" and name in SE_ONLY:
+                        continue
+                    key = "saltevent" if impl == "se" else "baseline"
+                    t = time.monotonic()
+                    r = run_one(ctx, name, impl)
+                    runs[key].append(r)
+                    results[name] = {k: {"runs": v, "median": median_result(v)}
+                                     for k, v in runs.items() if v}
+                    log(f"[{time.monotonic() - t0:6.1f}s] {name:<10} {key:<9} rep {rep + 1}/{cfg.repeat}"
+                        f" ({time.monotonic() - t:.1f}s){'  ERROR: ' + r['error'].splitlines()[0] if 'error' in r else ''}")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping every process started")
+    finally:
+        ctx.kill_all()
+        shutil.rmtree(ctx.pyc_dir, ignore_errors=True)
+    rows = build_rows(results, cfg)
+    if cfg.json:
+        if hasattr(os, "getloadavg"):
+            meta["loadavg_end"] = os.getloadavg()
+        doc = {"meta": meta, "config": {k: v for k, v in vars(cfg).items() if k != "worker"},
+               "elapsed_seconds": time.monotonic() - t0, "interrupted": interrupted,
+               "table": [{k: v for k, v in r.items()} for r in rows], "results": results}
+        json.dump(doc, sys.stdout, indent=1, default=str)
+        print()
+    else:
+        print_table(rows, meta, results, cfg)
+        print(f"\nelapsed {time.monotonic() - t0:.1f} s")
+    if ctx.prof_files:
+        print_profiles(ctx, sys.stderr if cfg.json else sys.stdout)
+    errors = any("error" in r for impls in results.values() for v in impls.values() for r in v["runs"])
+    if errors:
+        log(f"worker stderr logs kept in {ctx.log_dir}")
+    else:
+        shutil.rmtree(ctx.log_dir, ignore_errors=True)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
