@@ -59,11 +59,14 @@ import time
 import warnings
 from collections.abc import Mapping
 
+_TYPE_CHECKING = False    # typing costs an import a firing process does not need
+if _TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock, and no AF_UNIX in older builds
     fcntl = None
-
 
 
 class _Log:
@@ -527,17 +530,16 @@ def _wait_fd(sock: socket.socket, write: bool, timeout: float | None) -> bool:
     fd = sock.fileno()
     if fd < 0:               # closed by another thread: let the caller's I/O say so
         return True
+    if not hasattr(select, "poll"):     # builds without poll(): select() will do
+        ready = select.select([], [fd], [], timeout) if write else select.select(
+            [fd], [], [], timeout)
+        return bool(ready[0] or ready[1])
     poller = select.poll()
     poller.register(fd, select.POLLOUT if write else select.POLLIN)
     ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
     return bool(poller.poll(ms))
 
 
-if not hasattr(select, "poll"):  # macOS builds without poll(): select() will do
-    def _wait_fd(sock, write, timeout):  # noqa: F811
-        fds = [sock]
-        ready = select.select([], fds, [], timeout) if write else select.select(fds, [], [], timeout)
-        return bool(ready[0] or ready[1])
 
 
 def _elect(bus: _Bus) -> tuple | None:
@@ -2263,6 +2265,10 @@ class _Terminated(BaseException):
     """SIGTERM arrived: unwind, closing (and handing off) what we hold."""
 
 
+class _UsageError(Exception):
+    """Wrong arguments that argparse cannot see."""
+
+
 def _build_parser() -> Any:
     import argparse
     common = argparse.ArgumentParser(add_help=False)
@@ -2457,10 +2463,6 @@ def _cmd_stats(args: Any, node: str) -> int:
         print(f"listener    pid {item['pid']}: {item['events_out']} events out, "
               f"{item['dropped']} dropped, {item['queued_bytes']} bytes queued")
     return 0
-
-
-class _UsageError(Exception):
-    """Wrong arguments that argparse cannot see."""
 
 
 def main(argv: list | None = None) -> int:
