@@ -1,0 +1,2098 @@
+"""Tests of saltevent: pure functions first, then real buses over AF_UNIX, then processes.
+
+Every blocking call is bounded by TIMEOUT; nothing sleeps to synchronise; every child
+process is killed in a finally and every thread is joined with a timeout.
+"""
+import asyncio
+import datetime
+import faulthandler
+import fcntl
+import gc
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+import warnings
+
+import pytest
+
+import saltevent
+from saltevent import (
+    BusClosedError,
+    EventTimeout,
+    FrameError,
+    LocalClientEvent,
+    MasterEvent,
+    MinionEvent,
+    NamespacedEvent,
+    SaltEvent,
+    SaltEventError,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 5.0   # seconds; every blocking call in this file uses it: generous, but finite
+
+pytestmark = pytest.mark.filterwarnings(
+    "error::pytest.PytestUnhandledThreadExceptionWarning",   # broker-thread crash fails the test
+    "error::pytest.PytestUnraisableExceptionWarning")        # an exception in __del__ and the like
+
+
+# -- Fixtures and helpers -----------------------------------------------------
+
+
+@pytest.fixture
+def sock_dir():
+    """A fresh sock_dir with a short path (AF_UNIX paths are limited to ~107 bytes)."""
+    d = tempfile.mkdtemp(prefix="se-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _open_fds():
+    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
+
+
+def _extra_threads(before):
+    return [t for t in threading.enumerate() if t not in before]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Watchdog for hangs; fail a test that leaves threads or fds behind."""
+    faulthandler.dump_traceback_later(60, exit=True)
+    threads, fds = set(threading.enumerate()), _open_fds()
+    yield
+    deadline = time.monotonic() + TIMEOUT          # bounded grace for threads that are finishing
+    extra = _extra_threads(threads)
+    while extra and time.monotonic() < deadline:
+        time.sleep(0.01)
+        extra = _extra_threads(threads)
+    faulthandler.cancel_dump_traceback_later()
+    assert not extra, f"leaked threads: {extra}"
+    leaked = set()
+    while time.monotonic() < deadline:              # an fd closed by a finishing thread
+        leaked = _open_fds() - fds
+        if not leaked:
+            break
+        time.sleep(0.01)
+    assert not leaked, f"leaked fds: {sorted(leaked)}"
+
+
+def wait_until(pred, timeout=TIMEOUT, what="condition"):
+    """Return pred()'s first true value; fail after *timeout* seconds (backoff from 10 ms)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def bus_path(sock_dir, name="master"):
+    """The socket of a bus, named as the module docstring's wire format says."""
+    return os.path.join(sock_dir, f"saltevent-{name}.sock")
+
+
+def lock_path(sock_dir, name="master"):
+    return os.path.join(sock_dir, f"saltevent-{name}.lock")
+
+
+def join(thread, timeout=TIMEOUT):
+    thread.join(timeout)
+    assert not thread.is_alive(), f"thread {thread.name} did not finish within {timeout} s"
+
+
+def drain(ev, n, tag="", timeout=TIMEOUT, until=None):
+    """Return up to *n* full events matching *tag* (stopping at tag *until*) within *timeout*."""
+    deadline = time.monotonic() + timeout
+    events = []
+    while len(events) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        event = ev.get_event(wait=remaining, tag=tag, full=True)
+        if event is None:
+            break
+        if until is not None and event["tag"] == until:
+            break
+        events.append(event)
+    return events
+
+
+def raw_client(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def closed_by_peer(sock):
+    """Return True once the peer closed *sock* (EOF or reset) within TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(1 << 16):
+                return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+    return False
+
+
+CHILD_ENV = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+CHILD_ENV.pop("SALTEVENT_SOCK_DIR", None)
+
+# A child process driven by JSON commands on stdin, one JSON answer per line on stdout.
+AGENT = r'''
+import json, os, sys, threading, time
+import saltevent
+
+objs, streams = {}, {}
+
+def say(msg):
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+def streamer(ev, tag, pace, stop, res):
+    i = 0
+    while not stop.is_set():
+        if ev.fire_event({"i": i}, tag, timeout=5000):
+            res["sent"] += 1
+        else:
+            res["failed"] += 1
+        i += 1
+        if pace:
+            stop.wait(pace)
+
+def handle(cmd):
+    op = cmd["op"]
+    if op == "open":
+        ev = saltevent.get_event(cmd.get("node", "master"), cmd["sock_dir"], opts=cmd.get("opts"),
+                                 listen=cmd.get("listen", True))
+        if cmd.get("pull") and not ev.connect_pull(timeout=5):
+            raise RuntimeError("connect_pull failed")
+        objs[cmd["name"]] = ev
+        return {"pid": os.getpid(), "broker_here": bool(saltevent._brokers)}
+    if op == "fire":
+        ev = objs[cmd["name"]]
+        t0 = time.monotonic()
+        ok = 0
+        for i in range(cmd.get("n", 1)):
+            data = dict(cmd.get("data", {}))
+            data["i"] = i
+            ok += ev.fire_event(data, cmd["tag"], timeout=5000) is True
+        if cmd.get("end"):
+            ok += ev.fire_event({}, cmd["end"], timeout=5000) is True
+        return {"ok": ok, "elapsed": time.monotonic() - t0}
+    if op == "get":
+        ev = objs[cmd["name"]]
+        deadline = time.monotonic() + cmd.get("wait", 5)
+        events = []
+        while len(events) < cmd.get("n", 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            event = ev.get_event(wait=remaining, tag=cmd.get("tag", ""), full=True)
+            if event is None or event["tag"] == cmd.get("until"):
+                break
+            events.append(event)
+        res = {"n": len(events), "dropped": ev.dropped, "gaps": ev.gaps}
+        if "fields" in cmd:
+            res["rows"] = [[e["data"].get(k) for k in cmd["fields"]] for e in events]
+        else:
+            res["events"] = events
+        if cmd.get("tags"):
+            res["tags"] = [e["tag"] for e in events]
+        if cmd.get("close"):
+            objs.pop(cmd["name"]).destroy()
+        return res
+    if op == "close":
+        objs.pop(cmd["name"]).destroy()
+        return {}
+    if op == "stream_start":
+        stop, res = threading.Event(), {"sent": 0, "failed": 0}
+        thread = threading.Thread(target=streamer, args=(objs[cmd["name"]], cmd["tag"],
+                                                         cmd.get("pace", 0.001), stop, res),
+                                  daemon=True)
+        thread.start()
+        streams[cmd["name"]] = (thread, stop, res)
+        return {}
+    if op == "stream_stop":
+        thread, stop, res = streams.pop(cmd["name"])
+        stop.set()
+        thread.join(10)
+        return res
+    if op == "barrier":
+        say({"waiting": True})
+        os.read(cmd["fd"], 1)   # returns b"" when the test closes the write end
+        return {}
+    if op == "exit":
+        say({})
+        sys.exit(0)             # a clean exit: atexit hands the broker off
+    raise ValueError("unknown op %r" % op)
+
+for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+        say(handle(cmd))
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        say({"error": repr(exc)})
+for thread, stop, res in streams.values():
+    stop.set()
+    thread.join(10)
+for ev in objs.values():
+    ev.destroy()
+'''
+
+
+class Agent:
+    """One child process running AGENT."""
+
+    def __init__(self, code=AGENT, pass_fds=()):
+        self.err = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self.err, env=CHILD_ENV, cwd=HERE, pass_fds=pass_fds)
+        except BaseException:
+            self.err.close()
+            raise
+        self.pid = self.proc.pid
+        self._buf = b""
+
+    def send(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def recv(self, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise AssertionError(f"agent {self.pid} silent for {timeout} s; "
+                                     f"stderr: {self.stderr()}")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise AssertionError(f"agent {self.pid} exited ({self.proc.poll()}); "
+                                     f"stderr: {self.stderr()}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if "error" in msg:
+            raise AssertionError(f"agent {self.pid}: {msg['error']}; stderr: {self.stderr()}")
+        return msg
+
+    def call(self, timeout=TIMEOUT, **cmd):
+        self.send(**cmd)
+        return self.recv(timeout)
+
+    def stderr(self):
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")[-3000:]
+
+    def end_input(self):
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def wait(self, timeout=TIMEOUT):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"agent {self.pid} did not exit within {timeout} s") from None
+
+    def close(self, timeout=TIMEOUT):
+        """Let the agent exit on EOF; kill it if it does not; always reap it."""
+        try:
+            self.end_input()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout)
+            self.proc.stdout.close()
+            self.err.close()
+
+
+@pytest.fixture
+def spawn():
+    """Start agents; at teardown let all of them exit together, then reap (and kill) them."""
+    agents = []
+
+    def _spawn(**kwargs):
+        agent = Agent(**kwargs)
+        agents.append(agent)
+        return agent
+
+    try:
+        yield _spawn
+    finally:
+        for agent in agents:
+            agent.end_input()
+        errors = []
+        for agent in agents:
+            try:
+                agent.close()
+            except Exception as exc:   # reap the others first, then report
+                errors.append(exc)
+        assert not errors, errors
+
+
+@pytest.fixture
+def listener(sock_dir):
+    """A MasterEvent listening on the master bus of sock_dir (its broker runs here)."""
+    with MasterEvent(sock_dir) as ev:
+        yield ev
+
+
+@pytest.fixture
+def firer(sock_dir, listener):
+    """A MasterEvent that only fires, on the same bus as *listener*."""
+    with MasterEvent(sock_dir, listen=False) as ev:
+        yield ev
+
+
+# -- Constants ----------------------------------------------------------------
+
+
+def test_salt_constants():
+    assert saltevent.TAGEND == "\n\n"
+    assert saltevent.TAGPARTER == "/"
+    assert saltevent.SALT == "salt"
+    assert set(saltevent.TAGS) == {"auth", "job", "key", "minion", "syndic", "run", "wheel",
+                                   "cloud", "fileserver", "queue"}
+    assert saltevent.TAGS["job"] == "job"
+    assert saltevent.SUB_EVENT == ("state.highstate", "state.sls")
+
+
+def test_all():
+    """CPython's test.support.check__all__ recipe: __all__ is exactly the public names."""
+    not_exported = {"log"}                # the module's logger (lazily imported), not API
+    expected = set()
+    for name in dir(saltevent):
+        if name.startswith("_") or name in not_exported:
+            continue
+        obj = getattr(saltevent, name)
+        if (getattr(obj, "__module__", None) == "saltevent"
+                or (not hasattr(obj, "__module__") and not isinstance(obj, types.ModuleType))):
+            expected.add(name)
+    assert sorted(saltevent.__all__) == sorted(expected)
+    assert len(saltevent.__all__) == len(set(saltevent.__all__))
+
+
+def test_version():
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", saltevent.__version__)
+
+
+# -- Exceptions ---------------------------------------------------------------
+
+
+def test_exception_hierarchy():
+    assert issubclass(EventTimeout, SaltEventError) and issubclass(EventTimeout, TimeoutError)
+    assert issubclass(BusClosedError, SaltEventError)
+    assert issubclass(BusClosedError, ConnectionError)
+    assert issubclass(FrameError, SaltEventError) and issubclass(FrameError, ValueError)
+
+
+def test_exception_messages():
+    exc = EventTimeout("/s/bus.sock", 1.5)
+    assert exc.path == "/s/bus.sock" and exc.timeout == 1.5
+    assert "/s/bus.sock" in str(exc) and "1.5" in str(exc)
+    exc = BusClosedError("/s/bus.sock", "broken pipe")
+    assert exc.path == "/s/bus.sock" and exc.reason == "broken pipe"
+    assert "/s/bus.sock" in str(exc) and "broken pipe" in str(exc)
+    exc = FrameError("frame is not valid UTF-8", b"\xff" * 100)
+    assert exc.reason == "frame is not valid UTF-8" and exc.frame == b"\xff" * 100
+    assert str(exc).startswith("frame is not valid UTF-8") and len(str(exc)) < 400
+    assert str(FrameError("too big")) == "too big"
+
+
+# -- Framing ------------------------------------------------------------------
+
+EVENTS = [
+    {"tag": "a", "data": {}},
+    {"tag": "salt/job/1/ret/m", "data": {"x": 1, "y": [1, 2.5, None, True], "z": {"k": "v"}}},
+    {"tag": "unicode/é", "data": {"text": "héllo ☃ \U0001f600"}},
+    {"tag": "newlines", "data": {"text": "line1\nline2\r\n", "sep": "\u2028\u2029"}},
+    {"tag": "empty", "data": {"": "", "s": " "}},
+]
+
+
+@pytest.mark.parametrize("obj", EVENTS, ids=lambda e: e["tag"])
+def test_encode_is_one_compact_utf8_line(obj):
+    frame = saltevent._encode(obj)
+    assert frame.endswith(b"\n") and frame.count(b"\n") == 1
+    assert frame == json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    assert json.loads(frame.decode("utf-8")) == obj
+    assert saltevent._decode(frame) == [obj]
+
+
+def test_encode_keeps_non_ascii_as_utf8():
+    frame = saltevent._encode({"tag": "t", "data": {"k": "é☃"}})
+    assert frame == '{"tag":"t","data":{"k":"é☃"}}\n'.encode("utf-8")
+
+
+def test_decode_many_frames():
+    block = b"".join(saltevent._encode(obj) for obj in EVENTS)
+    assert saltevent._decode(block) == EVENTS
+
+
+@pytest.mark.parametrize("block, reason", [
+    (b"garbage\n", "not a JSON object"),
+    (b'{"tag":"a","data":{}}\n\xff\xfe\n', "not valid UTF-8"),
+    (b'{"a":1}{"b":2}\n', "not a JSON object"),
+    (b"[1\n2]\n", "not a JSON object"),          # joined, the lines would parse as one list
+    (b'{"tag":"a"\n,"data":{}}\n', "not a JSON object"),
+])
+def test_decode_rejects_bad_frames(block, reason):
+    with pytest.raises(FrameError, match=reason) as info:
+        saltevent._decode(block)
+    assert info.value.frame in block.split(b"\n")
+
+
+def test_decode_lenient_skips_and_logs_bad_frames(caplog):
+    good = [{"tag": "a", "data": {}}, {"tag": "b", "data": {"i": 1}}]
+    block = (saltevent._encode(good[0]) + b"\xff not utf-8\n" + b"{broken\n"
+             + saltevent._encode(good[1]))
+    with caplog.at_level(logging.WARNING, logger="saltevent"):
+        assert saltevent._decode_lenient(block) == good
+    warnings_ = [r for r in caplog.records if r.name == "saltevent" and r.levelno == logging.WARNING]
+    assert len(warnings_) == 2
+    assert all("skipping undecodable frame" in r.getMessage() for r in warnings_)
+
+
+def _stream():
+    return b"".join(saltevent._encode(obj) for obj in EVENTS)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 7, 30, 64])
+def test_framebuffer_reassembles_any_split(cut):
+    stream = _stream()
+    buf = saltevent._FrameBuffer()
+    blocks = []
+    for start in range(0, len(stream), cut):
+        block = buf.feed(stream[start:start + cut])
+        assert block == b"" or block.endswith(b"\n")
+        blocks.append(block)
+    assert buf.pending == 0
+    assert saltevent._decode(b"".join(blocks)) == EVENTS
+
+
+def test_framebuffer_returns_whole_frames_and_keeps_the_rest():
+    buf = saltevent._FrameBuffer()
+    assert buf.feed(b'{"tag":"a",') == b""
+    assert buf.pending == 11
+    assert buf.feed(b'"data":{}}\n{"tag"') == b'{"tag":"a","data":{}}\n'
+    assert buf.pending == 6
+    assert buf.feed(b':"b","data":{}}\n') == b'{"tag":"b","data":{}}\n'
+    assert buf.pending == 0
+    assert buf.feed(b"") == b""
+
+
+def test_framebuffer_oversize_partial_frame_raises():
+    buf = saltevent._FrameBuffer(max_frame=10)
+    assert buf.feed(b"x" * 10) == b""          # exactly the limit is still allowed
+    with pytest.raises(FrameError, match="exceeds 10 bytes"):
+        buf.feed(b"x")
+    assert buf.pending == 0                     # reset: the buffer can go on
+    assert buf.feed(b"{}\n") == b"{}\n"
+
+
+def test_framebuffer_oversize_frame_completed_by_a_chunk_raises():
+    """The limit holds for a frame whose newline arrives, not only for an unfinished one."""
+    buf = saltevent._FrameBuffer(max_frame=10)
+    assert buf.feed(b"x" * 8) == b""
+    with pytest.raises(FrameError):
+        buf.feed(b"x" * 8 + b"\n")
+    with pytest.raises(FrameError):           # nor for the unfinished tail after a newline
+        saltevent._FrameBuffer(max_frame=10).feed(b"{}\n" + b"y" * 11)
+
+
+def test_framebuffer_oversize_in_one_chunk_raises():
+    with pytest.raises(FrameError):
+        saltevent._FrameBuffer(max_frame=10).feed(b"y" * 11)
+
+
+def test_framebuffer_default_limit_is_the_wire_limit():
+    assert saltevent._FrameBuffer().max_frame == saltevent.MAX_FRAME_BYTES
+
+
+def test_stamp_is_utc_iso8601():
+    before = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    stamp = saltevent._stamp()
+    after = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?", stamp)
+    parsed = datetime.datetime.fromisoformat(stamp)
+    assert parsed.tzinfo is None
+    assert before - datetime.timedelta(seconds=1) <= parsed <= after + datetime.timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("tag, data", [(e["tag"], e["data"]) for e in EVENTS]
+                         + [("tuple", {"t": (1, 2)})])
+def test_pack_unpack_round_trip(tag, data):
+    raw = SaltEvent.pack(tag, data)
+    assert isinstance(raw, bytes) and raw.endswith(b"\n")
+    expected = json.loads(json.dumps(data))         # tuples become lists
+    assert SaltEvent.unpack(raw) == (tag, expected)
+    assert SaltEvent.unpack(raw.decode()) == (tag, expected)
+    assert MasterEvent.unpack(MasterEvent.pack(tag, data)) == (tag, expected)
+
+
+@pytest.mark.parametrize("raw", [b"garbage\n", b"\xff\n", b"[1, 2]\n", b'{"data": {}}\n'])
+def test_unpack_rejects_what_pack_cannot_make(raw):
+    with pytest.raises(FrameError):
+        SaltEvent.unpack(raw)
+
+
+def test_pack_trims_over_max_size_without_touching_callers_dict():
+    data = {"big": "x" * 5000, "small": "ok", "num": 7, "nested": {"also_big": "y" * 3000}}
+    original = json.loads(json.dumps(data))
+    tag, got = SaltEvent.unpack(SaltEvent.pack("t", data, max_size=1000))
+    assert tag == "t"
+    assert got["big"] == "VALUE_TRIMMED" and got["nested"] == "VALUE_TRIMMED"
+    assert got["small"] == "ok" and got["num"] == 7
+    assert data == original
+    assert SaltEvent.unpack(SaltEvent.pack("t", data))[1] == original   # no max_size: no trim
+
+
+def test_pack_leaves_small_events_alone():
+    data = {"a": "x" * 100, "b": 1}
+    assert SaltEvent.unpack(SaltEvent.pack("t", data, max_size=1000))[1] == data
+
+
+@pytest.mark.parametrize("data, where", [
+    ({"blob": b"bytes"}, "blob"),
+    ({"s": {1, 2}}, "'s'"),
+    ({"outer": {"inner": object()}}, "inner"),
+    ({"lst": [1, 2, b"x"]}, "lst"),
+])
+def test_encode_event_type_error_names_the_key(data, where):
+    with pytest.raises(TypeError, match=re.escape(where)):
+        SaltEvent.pack("t", data)
+
+
+# -- Tag matching & tagify ----------------------------------------------------
+
+TAG = "salt/job/20240101/ret/minion-1"
+
+
+@pytest.mark.parametrize("match_type, search, expected", [
+    ("startswith", "salt/job", True),
+    ("startswith", "", True),
+    ("startswith", "job", False),
+    ("startswith", TAG + "/x", False),
+    ("endswith", "ret/minion-1", True),
+    ("endswith", "minion", False),
+    ("find", "job/2024", True),
+    ("find", "", True),
+    ("find", "nothere", False),
+    ("regex", r"salt/job/\d+/ret", True),      # '^' is prepended ...
+    ("regex", r".*/ret/", True),
+    ("regex", r"job/\d+", False),              # ... so it is anchored at the start
+    ("regex", r"salt/job/\d+$", False),        # re.search, with a '$' the whole tag
+    ("regex", r"salt/.*-1$", True),
+    ("fnmatch", "salt/job/*/ret/*", True),
+    ("fnmatch", "salt/job/*", True),
+    ("fnmatch", "salt/job", False),
+    ("fnmatch", "salt/job/2024010[0-9]/ret/minion-?", True),
+])
+def test_matchers(match_type, search, expected):
+    match = saltevent._get_matcher(match_type)
+    assert match(TAG, search) is expected
+
+
+def test_regex_matcher_caches_compiled_patterns():
+    match = saltevent._get_matcher("regex")
+    assert match("a/b", "a/.") and match("a/b", "a/.")
+    assert "a/." in saltevent._regex_cache
+
+
+@pytest.mark.parametrize("bad", ["nope", "", "StartsWith", None, 3])
+def test_unknown_match_type_names_the_valid_ones(bad):
+    with pytest.raises(ValueError) as info:
+        saltevent._get_matcher(bad)
+    for name in ("startswith", "endswith", "find", "regex", "fnmatch"):
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("args, kwargs, expected", [
+    ((), {}, "salt"),
+    (("foo",), {}, "salt/foo"),
+    (("foo", "job"), {}, "salt/job/foo"),
+    ((["20240101", "ret", "m1"], "job"), {}, "salt/job/20240101/ret/m1"),
+    (("", "auth"), {}, "salt/auth"),
+    ((["a", "", "b", ""],), {}, "salt/a/b"),              # empty parts are left out
+    (("x", "custom"), {}, "salt/custom/x"),               # an unknown prefix is used as is
+    (("x",), {"base": "mybase"}, "mybase/x"),
+    (("x",), {"base": ""}, "x"),
+    (([123, "args"], "job"), {}, "salt/job/123/args"),    # parts are turned into str
+    ((["a", 0, "b"],), {}, "salt/a/0/b"),                 # Salt keeps a 0 part ('0' is not empty)
+    ((("a", "b"), "job"), {}, "salt/job/a/b"),            # SPEC: the items of a list/iterable
+])
+def test_tagify(args, kwargs, expected):
+    assert saltevent.tagify(*args, **kwargs) == expected
+
+
+@pytest.mark.parametrize("prefix", sorted(saltevent.TAGS))
+def test_tagify_maps_every_tags_prefix(prefix):
+    assert saltevent.tagify("x", prefix) == f"salt/{saltevent.TAGS[prefix]}/x"
+
+
+# -- Socket helpers: paths, peers, election -----------------------------------
+
+
+def test_sock_dir_none_honours_env(sock_dir, monkeypatch):
+    env_dir = os.path.join(sock_dir, "from-env")
+    monkeypatch.setenv("SALTEVENT_SOCK_DIR", env_dir)
+    with MasterEvent(None) as ev:
+        assert ev.sock_dir == env_dir
+        assert os.path.exists(bus_path(env_dir))
+        assert ev.fire_event({"a": 1}, "env/tag")
+        assert ev.get_event(wait=TIMEOUT, tag="env/tag")["a"] == 1
+    with saltevent.get_event("master") as ev:
+        assert ev.sock_dir == env_dir
+    with MinionEvent({"id": "m1"}, listen=False) as ev:
+        assert ev.sock_dir == env_dir
+
+
+def test_missing_sock_dir_is_created_0700(sock_dir):
+    target = os.path.join(sock_dir, "a", "b")
+    with MasterEvent(target) as ev:
+        assert ev.fire_event({}, "t")
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+
+
+def test_socket_file_is_0600(sock_dir):
+    with MasterEvent(sock_dir):
+        info = os.stat(bus_path(sock_dir))
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o600
+
+
+def test_sock_dir_too_long_for_af_unix_is_a_clear_error(sock_dir):
+    long_dir = os.path.join(sock_dir, "d" * 100)
+    with pytest.raises(ValueError, match="too long"):
+        MasterEvent(long_dir)
+    assert not os.path.exists(long_dir)
+
+
+def test_socket_names_never_collide_with_salt(sock_dir):
+    with MasterEvent(sock_dir), MinionEvent({"sock_dir": sock_dir, "id": "m1"}):
+        names = os.listdir(sock_dir)
+        assert names
+        assert not [n for n in names if n.endswith(".ipc")]
+        assert all(n.startswith("saltevent-") for n in names)
+
+
+def test_stale_socket_file_is_replaced(sock_dir, spawn):
+    path = bus_path(sock_dir)
+    code = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"s.bind({path!r})\n"
+            "s.listen(1)\n"
+            "print('{}', flush=True)\n"
+            "sys.stdin.read()\n")
+    squatter = spawn(code=code)
+    squatter.recv()
+    squatter.proc.kill()
+    squatter.wait()
+    assert stat.S_ISSOCK(os.stat(path).st_mode)     # left behind by the dead process
+    with pytest.raises(ConnectionRefusedError):
+        raw_client(path).close()
+    with MasterEvent(sock_dir) as ev:
+        assert ev.fire_event({"n": 1}, "after/stale")
+        assert ev.get_event(wait=TIMEOUT, tag="after/stale")["n"] == 1
+        raw_client(path).close()                    # the new broker serves the path
+
+
+def test_thirty_processes_elect_one_broker(sock_dir, spawn):
+    count = 30
+    r, w = os.pipe()
+    try:
+        try:
+            agents = [spawn(pass_fds=(r,)) for _ in range(count)]
+        finally:
+            os.close(r)
+        for agent in agents:
+            agent.send(op="barrier", fd=r)     # pass_fds keeps the fd number in the child
+            agent.send(op="open", name="ev", sock_dir=sock_dir)
+        for agent in agents:                   # 30 interpreters starting on a small machine
+            assert agent.recv(timeout=30)["waiting"]
+    finally:
+        os.close(w)                            # EOF releases every agent at the same moment
+    opened = []
+    for agent in agents:
+        agent.recv()
+        opened.append(agent.recv(timeout=15))
+    brokers = [o["pid"] for o in opened if o["broker_here"]]
+    assert len(brokers) == 1, f"brokers elected in {brokers}"
+    stats = broker_stats(bus_path(sock_dir))
+    assert stats["pid"] == brokers[0]
+    assert stats["listeners"] == count
+    for k, agent in enumerate(agents):
+        agent.send(op="fire", name="ev", tag=f"hello/{k}")
+    for agent in agents:
+        agent.send(op="get", name="ev", tag="hello/", n=count, wait=15, tags=True, fields=[])
+    expected = sorted(f"hello/{k}" for k in range(count))
+    for agent in agents:
+        assert agent.recv(timeout=15)["ok"] == 1
+        got = agent.recv(timeout=20)
+        assert sorted(got["tags"]) == expected
+        assert got["gaps"] == 0
+
+
+def broker_stats(path):
+    """Ask the broker for its counters with a raw ``stats`` control frame."""
+    with raw_client(path) as sock:
+        sock.sendall(b'{"ctl":"stats"}\n')
+        reader = sock.makefile("rb")
+        try:
+            msg = read_control(reader, "stats")
+        finally:
+            reader.close()
+    return msg["stats"]
+
+
+def queued_for_listeners(sock_dir):
+    return sum(peer["queued_bytes"] for peer in broker_stats(bus_path(sock_dir))["per_listener"])
+
+
+def read_control(reader, name):
+    """Return the first control frame called *name* from a raw client's *reader*."""
+    while True:
+        line = reader.readline()
+        assert line.endswith(b"\n"), f"the broker closed the connection before {name!r}"
+        msg = json.loads(line)
+        assert "ctl" in msg, f"an event before {name!r}: {msg}"
+        if msg["ctl"] == name:
+            return msg
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to run a child as another uid")
+def test_peer_of_another_uid_is_refused(sock_dir, listener, firer, spawn, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    path = bus_path(sock_dir)
+    os.chmod(sock_dir, 0o711)        # let uid 65534 reach the socket: the uid check must refuse it
+    os.chmod(path, 0o666)
+    code = "\n".join([
+        "import json, os, socket",
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)",
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)",
+        "s.settimeout(5)",
+        f"s.connect({path!r})",
+        "try:",
+        "    s.sendall(b'{\"tag\":\"foreign\",\"data\":{}}\\n{\"ctl\":\"sub\"}\\n')",
+        "    got = s.recv(65536)",
+        "except (BrokenPipeError, ConnectionResetError):",   # refused before or after the send
+        "    got = b''",
+        "print(json.dumps({'uid': os.getuid(), 'got': got.decode('utf-8', 'replace')}), flush=True)",
+    ])
+    child = spawn(code=code)
+    res = child.recv()
+    assert res == {"uid": 65534, "got": ""}       # closed at once: no "ok", no events
+    assert child.wait() == 0
+    assert firer.fire_event({}, "sentinel")
+    events = drain(listener, 100, until="sentinel")
+    assert "foreign" not in [e["tag"] for e in events]
+    assert any("uid 65534 is not ours" in r.getMessage() for r in caplog.records)
+
+
+# -- Broker -------------------------------------------------------------------
+
+
+def test_wire_format_raw_client_can_listen_and_fire(sock_dir, listener, firer):
+    with raw_client(bus_path(sock_dir)) as sock:
+        sock.sendall(b'{"ctl":"sub"}\n')
+        reader = sock.makefile("rb")
+        try:
+            read_control(reader, "ok")
+            assert firer.fire_event({"x": 1}, "to/raw")
+            event = json.loads(reader.readline())
+            assert event["tag"] == "to/raw" and event["data"]["x"] == 1
+            sock.sendall(b'{"tag":"from/raw","data":{"y":[1,2]}}\n')
+            assert listener.get_event(wait=TIMEOUT, tag="from/raw") == {"y": [1, 2]}
+        finally:
+            reader.close()
+
+
+def test_hostile_clients_are_dropped_others_carry_on(sock_dir, listener, firer, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    path = bus_path(sock_dir)
+    n = 2000
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.extend(firer.fire_event({"i": i}, "ok") for i in range(n)))
+    bad = [b"garbage\n", b"\xff\xfe\xfd\n", b"[1, 2]\n", b'{"tag": 5, "data": {}}\n',
+           b'{"tag":"a","data":{}}\n{"tag":"b","data":[]}\n']
+    thread.start()
+    try:
+        for payload in bad:
+            with raw_client(path) as sock:
+                sock.sendall(payload)
+                assert closed_by_peer(sock), payload
+        with raw_client(path) as sock:           # a frame that never ends
+            chunk = b"x" * (1 << 20)
+            try:
+                for _ in range(saltevent.MAX_FRAME_BYTES // len(chunk) + 2):
+                    sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert closed_by_peer(sock)
+    finally:
+        join(thread)
+    assert results == [True] * n
+    events = drain(listener, n, tag="ok")
+    assert [e["data"]["i"] for e in events] == list(range(n))
+    reasons = [r.getMessage() for r in caplog.records
+               if r.name == "saltevent" and "dropped a client" in r.getMessage()]
+    assert len(reasons) == len(bad) + 1, reasons
+    assert any("not valid UTF-8" in m for m in reasons)
+    assert any("exceeds" in m for m in reasons)
+    assert listener.fire_event({}, "still/alive")
+    assert listener.get_event(wait=TIMEOUT, tag="still/alive") is not None
+
+
+def test_unknown_control_frame_is_ignored(sock_dir, listener, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    with raw_client(bus_path(sock_dir)) as sock:
+        sock.sendall(b'{"ctl":"no-such-thing"}\n{"tag":"after/ctl","data":{}}\n')
+        assert listener.get_event(wait=TIMEOUT, tag="after/ctl") == {}
+    assert any("unknown control" in r.getMessage() for r in caplog.records)
+
+
+def test_eight_listeners_each_get_every_event(sock_dir, spawn):
+    n = 1000
+    with MasterEvent(sock_dir, listen=False) as ev:
+        assert ev.connect_pull() is True            # the broker runs in this process
+        agents = [spawn() for _ in range(8)]
+        for agent in agents:
+            agent.send(op="open", name="l", sock_dir=sock_dir)
+        for agent in agents:
+            assert not agent.recv(timeout=15)["broker_here"]
+            agent.send(op="get", name="l", tag="fan/", n=n, wait=20, fields=["i"])
+        for i in range(n):
+            assert ev.fire_event({"i": i}, "fan/out") is True
+        for agent in agents:
+            got = agent.recv(timeout=25)
+            assert got["rows"] == [[i] for i in range(n)]
+            assert got["dropped"] == 0 and got["gaps"] == 0
+
+
+def test_four_firers_keep_their_order(sock_dir, listener, spawn):
+    n = 2000
+    agents = [spawn() for _ in range(4)]
+    for agent in agents:
+        agent.send(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    for agent in agents:
+        agent.recv(timeout=15)
+    for k, agent in enumerate(agents):
+        agent.send(op="fire", name="f", tag=f"fanin/{k}", n=n, data={"src": k})
+    events = drain(listener, 4 * n, tag="fanin/", timeout=25)
+    for agent in agents:
+        assert agent.recv(timeout=10)["ok"] == n
+    seqs = {k: [] for k in range(4)}
+    for event in events:
+        assert event["tag"] == f"fanin/{event['data']['src']}"
+        seqs[event["data"]["src"]].append(event["data"]["i"])
+    for k in range(4):
+        assert seqs[k] == list(range(n)), f"firer {k} out of order or incomplete"
+
+
+def test_join_race_listener_gets_event_fired_right_after_ready(sock_dir, spawn):
+    rounds = 200
+    firer_proc, listener_proc = spawn(), spawn()
+    assert firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False,
+                           pull=True)["broker_here"]
+    misses = []
+    for i in range(rounds):
+        listener_proc.call(op="open", name="l", sock_dir=sock_dir)     # says "ready"
+        firer_proc.send(op="fire", name="f", tag=f"race/{i}")          # fired right after
+        listener_proc.send(op="get", name="l", tag=f"race/{i}", n=1, wait=TIMEOUT, close=True,
+                           fields=["i"])
+        assert firer_proc.recv()["ok"] == 1
+        if listener_proc.recv(timeout=TIMEOUT + 2)["n"] != 1:
+            misses.append(i)
+    assert misses == []
+
+
+def test_stalled_listener_during_burst(sock_dir, spawn):
+    burst, pad = 50000, "x" * 1000
+    backlog = 256 << 10
+    with MasterEvent(sock_dir, opts={"saltevent_backlog_bytes": backlog}) as stalled:
+        reader, firer_proc = spawn(), spawn()
+        reader.call(op="open", name="r", sock_dir=sock_dir, timeout=15)
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True,
+                        timeout=15)
+        reader.send(op="get", name="r", tag="burst/", n=burst, until="burst/end", wait=40,
+                    fields=["i"])
+        fired = firer_proc.call(op="fire", name="f", tag="burst/data", n=burst,
+                                data={"pad": pad}, end="burst/end", timeout=40)
+        read = reader.recv(timeout=40)
+        # The stalled listener reads on only now.
+        events = drain(stalled, burst, tag="burst/", until="burst/end", timeout=20)
+        received = [e["data"]["i"] for e in events]
+        dropped = stalled.dropped
+    assert fired["ok"] == burst + 1
+    assert fired["elapsed"] < 10.0, f"the firer blocked: {fired['elapsed']:.1f} s"
+    assert read["n"] == burst and read["dropped"] == 0
+    assert read["rows"] == [[i] for i in range(burst)]
+    assert dropped > 0
+    assert len(received) + dropped == burst
+    assert received == sorted(set(received))     # what survives keeps its order
+
+
+def test_clean_exit_of_broker_process_hands_off(sock_dir, spawn):
+    hub, firer_proc = spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    with MasterEvent(sock_dir) as ev:
+        assert broker_stats(bus_path(sock_dir))["pid"] == hub.pid
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+        firer_proc.call(op="stream_start", name="f", tag="seq", pace=0.001)
+        seq, arrivals = [], []
+
+        def take(count, timeout):
+            for event in drain(ev, count, tag="seq", timeout=timeout):
+                seq.append(event["data"]["i"])
+                arrivals.append(time.monotonic())
+
+        take(100, TIMEOUT)
+        assert len(seq) == 100
+        hub.call(op="exit")
+        assert hub.wait() == 0
+        exited = len(seq)
+        take(300, 2 * TIMEOUT)                      # it carries on after the hand-off
+        stream = firer_proc.call(op="stream_stop", name="f", timeout=15)
+        take(stream["sent"] + stream["failed"] - len(seq), TIMEOUT)
+        gaps = ev.gaps
+    assert len(seq) >= exited + 300
+    assert stream["failed"] == 0
+    assert seq == list(range(stream["sent"])), "events lost or reordered over the hand-off"
+    assert gaps == 0
+    longest = max(b - a for a, b in zip(arrivals, arrivals[1:]))
+    assert longest < 2.5, f"the bus stalled {longest:.2f} s during the hand-off"
+
+
+def test_kill_9_of_broker_process_survivors_recover(sock_dir, spawn):
+    hub, firer_proc = spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    with MasterEvent(sock_dir) as ev:
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+        firer_proc.call(op="fire", name="f", tag="before")
+        assert ev.get_event(wait=TIMEOUT, tag="before") is not None
+        assert ev.gaps == 0
+        assert broker_stats(bus_path(sock_dir))["pid"] == hub.pid
+        hub.proc.send_signal(signal.SIGKILL)
+        assert hub.wait() == -signal.SIGKILL
+        firer_proc.call(op="stream_start", name="f", tag="after", pace=0.01)
+        try:
+            got = ev.get_event(wait=3 * TIMEOUT, tag="after")
+        finally:
+            stream = firer_proc.call(op="stream_stop", name="f", timeout=15)
+        assert got is not None, "no event after the broker was killed"
+        assert ev.gaps >= 1
+    assert stream["sent"] >= 1 and stream["failed"] == 0
+
+
+# -- Client classes -----------------------------------------------------------
+
+
+def test_round_trip_and_full_shape(listener, firer):
+    assert firer.fire_event({"a": 1}, "salt/test") is True
+    event = listener.get_event(wait=TIMEOUT, tag="salt/", full=True)
+    assert set(event) == {"tag", "data"}
+    assert event["tag"] == "salt/test"
+    assert event["data"]["a"] == 1
+    assert set(event["data"]) == {"a", "_stamp"}
+
+
+def test_fire_event_stamps_a_copy_and_tuples_arrive_as_lists(listener, firer):
+    data = {"a": 1, "t": (1, (2, "x")), "n": None, "b": False, "f": 0.5, "u": "é"}
+    before = dict(data)
+    assert firer.fire_event(data, "stamp/me") is True
+    assert data == before and "_stamp" not in data
+    got = listener.get_event(wait=TIMEOUT, tag="stamp/me")
+    stamp = got.pop("_stamp")
+    assert got == {"a": 1, "t": [1, [2, "x"]], "n": None, "b": False, "f": 0.5, "u": "é"}
+    parsed = datetime.datetime.fromisoformat(stamp)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    assert abs((now - parsed).total_seconds()) < 60
+
+
+def test_listener_sees_its_own_events(listener):
+    assert listener.fire_event({"me": 1}, "self/tag")
+    assert listener.get_event(wait=TIMEOUT, tag="self/tag")["me"] == 1
+
+
+def test_fire_event_from_many_threads_on_one_object(listener, firer):
+    n, nthreads = 300, 4
+    results = []
+
+    def fire(k):
+        results.extend(firer.fire_event({"k": k, "i": i}, "threads") for i in range(n))
+
+    threads = [threading.Thread(target=fire, args=(k,)) for k in range(nthreads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        join(thread)
+    assert results == [True] * (n * nthreads)
+    seqs = {k: [] for k in range(nthreads)}
+    for event in drain(listener, n * nthreads, tag="threads"):
+        seqs[event["data"]["k"]].append(event["data"]["i"])
+    assert all(seqs[k] == list(range(n)) for k in range(nthreads))
+
+
+@pytest.mark.parametrize("data, tag, exc, match", [
+    ({"a": 1}, "", ValueError, "tag"),
+    ([1, 2], "t", ValueError, None),
+    ("text", "t", ValueError, None),
+    (None, "t", ValueError, None),
+    ({"blob": b"bytes"}, "t", TypeError, "blob"),
+    ({"s": {1, 2}}, "t", TypeError, "'s'"),
+    ({"deep": {"er": [b"x"]}}, "t", TypeError, "er"),
+])
+def test_fire_event_validation(listener, firer, data, tag, exc, match):
+    with pytest.raises(exc, match=match):
+        firer.fire_event(data, tag)
+    assert firer.fire_event({}, "valid")             # nothing was sent, the bus is fine
+    assert listener.get_event(wait=TIMEOUT, full=True)["tag"] == "valid"
+
+
+def test_fire_event_trims_over_max_event_size(sock_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    data = {"big": "x" * 10000, "mid": "y" * 500, "small": "keep"}
+    with MasterEvent(sock_dir, opts={"max_event_size": 2000}) as ev:
+        assert ev.fire_event(data, "trim/me") is True
+        got = ev.get_event(wait=TIMEOUT, tag="trim/me")
+        assert ev.fire_event({"mid": "y" * 500}, "trim/not")
+        assert ev.get_event(wait=TIMEOUT, tag="trim/not")["mid"] == "y" * 500
+    assert got["big"] == "VALUE_TRIMMED"
+    assert got["mid"] == "y" * 500 and got["small"] == "keep" and "_stamp" in got
+    assert data["big"] == "x" * 10000                 # the caller's dict is untouched
+    trims = [r.getMessage() for r in caplog.records if "trimmed" in r.getMessage()]
+    assert len(trims) == 1 and "big" in trims[0] and "small" not in trims[0]
+
+
+def test_default_max_event_size_is_salts(listener, firer):
+    assert saltevent.DEFAULT_MAX_EVENT_SIZE == 1 << 20
+    assert firer.fire_event({"big": "z" * (1 << 20), "small": 1}, "big/default")
+    got = listener.get_event(wait=TIMEOUT, tag="big/default")
+    assert got["big"] == "VALUE_TRIMMED" and got["small"] == 1
+
+
+@pytest.fixture
+def unreachable(sock_dir):
+    """A sock_dir whose master bus cannot come up: no socket, the election lock held elsewhere."""
+    fd = os.open(lock_path(sock_dir), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)      # a separate open file: it excludes this process too
+        yield sock_dir
+    finally:
+        os.close(fd)
+
+
+def test_fire_event_timeout_in_ms_returns_false(unreachable):
+    with MasterEvent(unreachable, listen=False) as ev:
+        t0 = time.monotonic()
+        assert ev.fire_event({}, "t", timeout=300) is False
+        dt = time.monotonic() - t0
+        assert ev.connect_pull(timeout=0.2) is False
+        assert ev.connect_pub(timeout=0.2) is False
+        assert not ev.cpub and not ev.cpush
+    assert 0.3 <= dt <= 0.3 + 2.0
+
+
+def test_fire_event_raise_errors_raises(unreachable):
+    with MasterEvent(unreachable, listen=False, raise_errors=True) as ev:
+        t0 = time.monotonic()
+        with pytest.raises(EventTimeout):
+            ev.fire_event({}, "t", timeout=200)
+        assert 0.2 <= time.monotonic() - t0 <= 0.2 + 2.0
+        with pytest.raises(EventTimeout):
+            ev.connect_pub(timeout=0.1)
+
+
+def test_fire_event_false_when_sock_dir_unusable(sock_dir):
+    os.mkdir(lock_path(sock_dir))                    # no lock file can be made: no bus at all
+    with MasterEvent(sock_dir, listen=False) as ev:
+        t0 = time.monotonic()
+        assert ev.fire_event({}, "t", timeout=300) is False
+        assert time.monotonic() - t0 <= 0.3 + 2.0
+    with MasterEvent(sock_dir, listen=False, raise_errors=True) as ev:
+        with pytest.raises((SaltEventError, OSError)):
+            ev.fire_event({}, "t", timeout=300)
+
+
+def test_get_event_nothing_arrives(listener):
+    t0 = time.monotonic()
+    assert listener.get_event(wait=0.15) is None
+    dt = time.monotonic() - t0
+    assert 0.15 <= dt <= 0.15 + 2.0
+    t0 = time.monotonic()
+    assert listener.get_event(no_block=True) is None
+    assert listener.get_event(wait=10, no_block=True) is None
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_get_event_wait_is_a_hard_deadline_on_a_busy_bus(sock_dir, spawn):
+    """Non-matching events that never stop coming do not extend ``wait``.
+
+    The bus must outpace the listener for the test to mean anything: the broker runs in
+    its own process, a raw client floods it with whole blocks of frames, the listener
+    starts megabytes behind and (as a LocalClient does) checks every event against a
+    few subscriptions, so its socket is never empty while it waits.
+    """
+    hub = spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    block = b"".join(b'{"tag":"noise/%d","data":{"i":%d}}\n' % (i, i) for i in range(20000))
+    stop = threading.Event()
+
+    with MasterEvent(sock_dir, opts={"saltevent_backlog_bytes": 8 << 20}) as ev, \
+            raw_client(bus_path(sock_dir)) as flood_sock:
+        for k in range(10):
+            ev.subscribe(f"salt/job/{k}/*", match_type="fnmatch")
+
+        def flood():            # for at most 5 s: a broken deadline shows as dt >= 5
+            until = time.monotonic() + 5.0
+            while not stop.is_set() and time.monotonic() < until:
+                flood_sock.sendall(block)
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        try:
+            assert ev.get_event(wait=TIMEOUT, tag="noise/") is not None
+            wait_until(lambda: queued_for_listeners(sock_dir) > 4 << 20,
+                       what="4 MB of events waiting for the listener")
+            t0 = time.monotonic()
+            assert ev.get_event(wait=0.3, tag="nomatch") is None
+            dt = time.monotonic() - t0
+        finally:
+            stop.set()
+            join(thread)
+    assert 0.3 <= dt <= 0.3 + 2.0
+
+
+def test_get_event_wait_zero_waits_until_an_event_arrives(listener, firer):
+    timer = threading.Timer(0.5, firer.fire_event, args=({"late": True}, "late/tag"))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        got = listener.get_event(wait=0, tag="late/")
+    finally:
+        timer.cancel()
+        join(timer)
+    assert got["late"] is True
+    assert time.monotonic() - t0 >= 0.45
+
+
+def test_get_event_no_block(listener, firer):
+    assert listener.get_event(no_block=True, tag="nb") is None
+    assert firer.fire_event({"x": 1}, "nb/1")
+    got = wait_until(lambda: listener.get_event(no_block=True, tag="nb"), what="nb/1")
+    assert got["x"] == 1
+
+
+@pytest.mark.parametrize("match_type, search", [
+    ("startswith", "salt/job/"),
+    ("endswith", "/ret/minion-1"),
+    ("find", "20240101"),
+    ("regex", r"salt/job/\d+/ret/"),
+    ("fnmatch", "salt/job/*/ret/*"),
+])
+def test_get_event_match_types(listener, firer, match_type, search):
+    assert firer.fire_event({"n": 0}, "other/tag")
+    assert firer.fire_event({"n": 1}, TAG)
+    got = listener.get_event(wait=TIMEOUT, tag=search, match_type=match_type, full=True)
+    assert got["tag"] == TAG and got["data"]["n"] == 1
+
+
+def test_event_match_type_opt_sets_the_default(sock_dir):
+    with MasterEvent(sock_dir, opts={"event_match_type": "fnmatch"}) as ev:
+        assert ev.fire_event({}, "salt/x/done")
+        assert ev.get_event(wait=TIMEOUT, tag="salt/*/done", full=True)["tag"] == "salt/x/done"
+
+
+def test_get_event_unknown_match_type(listener):
+    with pytest.raises(ValueError, match="startswith"):
+        listener.get_event(wait=0.1, tag="x", match_type="glob")
+    with pytest.raises(ValueError, match="fnmatch"):
+        listener.subscribe("x", match_type="glob")
+
+
+def test_without_subscribe_non_matching_events_are_discarded(listener, firer):
+    assert firer.fire_event({}, "x/1")
+    assert firer.fire_event({}, "y/1")
+    assert listener.get_event(wait=TIMEOUT, tag="y/", full=True)["tag"] == "y/1"
+    assert listener.get_event(no_block=True, tag="x/") is None
+
+
+def test_subscribe_keeps_matching_events_for_later(listener, firer):
+    listener.subscribe("keep/")
+    listener.subscribe(r".*/rx$", match_type="regex")
+    for tag in ("keep/1", "drop/1", "a/rx", "want/1", "keep/2"):
+        assert firer.fire_event({"tag": tag}, tag)
+    assert listener.get_event(wait=TIMEOUT, tag="want/", full=True)["tag"] == "want/1"
+    assert listener.get_event(no_block=True, tag="keep/", full=True)["tag"] == "keep/1"
+    assert listener.get_event(no_block=True, tag="a/", full=True)["tag"] == "a/rx"
+    assert listener.get_event(no_block=True, tag="drop/") is None
+    assert listener.get_event(wait=TIMEOUT, tag="keep/", full=True)["tag"] == "keep/2"
+
+
+def test_unsubscribe_drops_cached_events_no_subscription_wants(listener, firer):
+    listener.subscribe("a/")
+    listener.subscribe("b/")
+    listener.subscribe("ab")
+    for tag in ("a/1", "b/1", "ab/1", "c/1"):
+        assert firer.fire_event({}, tag)
+    assert listener.get_event(wait=TIMEOUT, tag="c/", full=True)["tag"] == "c/1"
+    listener.unsubscribe("a/")
+    listener.unsubscribe("not-subscribed")  # harmless
+    listener.unsubscribe(None)
+    assert listener.get_event(no_block=True, tag="a/") is None
+    assert listener.get_event(no_block=True, tag="b/", full=True)["tag"] == "b/1"
+    assert listener.get_event(no_block=True, tag="ab", full=True)["tag"] == "ab/1"
+
+
+def test_unsubscribe_keeps_events_another_subscription_wants(listener, firer):
+    listener.subscribe("job/")
+    listener.subscribe("/ret", match_type="find")
+    assert firer.fire_event({}, "job/1/ret")
+    assert firer.fire_event({}, "stop")
+    assert listener.get_event(wait=TIMEOUT, tag="stop") is not None
+    listener.unsubscribe("job/")
+    assert listener.get_event(no_block=True, tag="job/", full=True)["tag"] == "job/1/ret"
+
+
+def test_iter_events_ends_when_destroyed_from_another_thread(sock_dir, firer):
+    ev = MasterEvent(sock_dir)
+    seen = []
+    ended = threading.Event()
+
+    def consume():
+        for data in ev.iter_events(tag="it/"):
+            seen.append(data["i"])
+        ended.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    try:
+        for i in range(3):
+            assert firer.fire_event({"i": i}, "it/x")
+        wait_until(lambda: len(seen) == 3, what="three events from iter_events")
+        assert not ended.is_set()
+    finally:
+        ev.destroy()
+        join(thread)
+    assert ended.is_set() and seen == [0, 1, 2]
+
+
+def test_iter_events_full(listener, firer):
+    assert firer.fire_event({"a": 1}, "full/it")
+    event = next(listener.iter_events(tag="full/", full=True))
+    assert set(event) == {"tag", "data"} and event["tag"] == "full/it"
+
+
+def test_get_event_block_and_noblock(listener, firer):
+    assert listener.get_event_noblock() is None
+    assert firer.fire_event({"k": 1}, "raw/1")
+    event = listener.get_event_block()
+    assert set(event) == {"tag", "data"} and event["tag"] == "raw/1" and event["data"]["k"] == 1
+    assert firer.fire_event({"k": 2}, "raw/2")
+    event = wait_until(listener.get_event_noblock, what="raw/2")
+    assert event["tag"] == "raw/2"
+
+
+def test_connect_and_close_pub_and_pull(sock_dir, listener):
+    ev = MasterEvent(sock_dir, listen=False)
+    try:
+        assert not ev.cpub and not ev.cpush
+        assert ev.connect_pub() is True and ev.cpub
+        assert ev.connect_pub() is True                 # already connected
+        assert ev.connect_pull() is True and ev.cpush
+        assert ev.fire_event({}, "cp/1")
+        assert ev.get_event(wait=TIMEOUT, tag="cp/1") is not None
+        ev.close_pull()
+        assert not ev.cpush
+        ev.close_pull()                                 # idempotent
+        assert ev.fire_event({}, "cp/2") is True        # fire_event reconnects
+        assert ev.cpush
+        assert ev.get_event(wait=TIMEOUT, tag="cp/2") is not None
+        ev.close_pub()
+        assert not ev.cpub
+        ev.close_pub()
+        assert ev.connect_pub() is True
+        assert listener.fire_event({}, "cp/3")
+        assert ev.get_event(wait=TIMEOUT, tag="cp/", full=True)["tag"] == "cp/3"
+    finally:
+        ev.destroy()
+    assert not ev.cpub and not ev.cpush
+
+
+def test_context_manager_and_destroy_idempotent(sock_dir):
+    with MasterEvent(sock_dir) as ev:
+        assert ev.cpub
+    assert not ev.cpub and not ev.cpush
+    ev.destroy()
+    ev.destroy()
+    try:                                            # a closed object does not reopen the bus
+        assert ev.fire_event({}, "closed") is False
+    except BusClosedError:
+        pass
+    with MasterEvent(sock_dir) as again:            # the bus was released and comes back
+        assert again.fire_event({}, "x") and again.get_event(wait=TIMEOUT, tag="x") is not None
+
+
+def test_unclosed_object_warns_and_closes(sock_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev = MasterEvent(sock_dir)
+        assert ev.fire_event({}, "x")
+        del ev
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)]
+    # no_leaks checks that its sockets and its broker thread are gone
+
+
+def test_minion_bus_name_uses_the_hashed_id(sock_dir):
+    opts = {"sock_dir": sock_dir, "id": "minion-1"}
+    with MinionEvent(opts) as ev:
+        names = [n for n in os.listdir(sock_dir) if n.endswith(".sock")]
+        assert len(names) == 1 and names[0].startswith("saltevent-minion-")
+        digest = names[0][len("saltevent-minion-"):-len(".sock")]
+        assert len(digest) >= 8
+        assert hashlib.sha256(b"minion-1").hexdigest().startswith(digest)
+        assert "minion-1" not in names[0]
+        assert ev.puburi == os.path.join(sock_dir, names[0])
+
+
+def test_minion_hash_type_is_honoured(sock_dir):
+    with MinionEvent({"sock_dir": sock_dir, "id": "m2", "hash_type": "md5"}):
+        names = [n for n in os.listdir(sock_dir) if n.endswith(".sock")]
+        digest = names[0][len("saltevent-minion-"):-len(".sock")]
+        assert hashlib.md5(b"m2").hexdigest().startswith(digest)
+
+
+def test_two_minion_ids_are_two_buses(sock_dir):
+    with MinionEvent({"sock_dir": sock_dir, "id": "a"}) as a, \
+            MinionEvent({"sock_dir": sock_dir, "id": "b"}) as b, MasterEvent(sock_dir) as m:
+        assert len([n for n in os.listdir(sock_dir) if n.endswith(".sock")]) == 3
+        assert a.fire_event({}, "only/a")
+        assert a.get_event(wait=TIMEOUT, tag="only/a") is not None
+        assert b.fire_event({}, "only/b")
+        assert b.get_event(wait=TIMEOUT, full=True)["tag"] == "only/b"
+        assert a.get_event(wait=0.1) is None
+        assert m.get_event(no_block=True) is None
+
+
+def test_get_event_minion_and_minionevent_share_a_bus(sock_dir):
+    with saltevent.get_event("minion", sock_dir, opts={"id": "m1"}) as ev:
+        assert type(ev) is SaltEvent
+        with MinionEvent({"sock_dir": sock_dir, "id": "m1"}, listen=False) as minion:
+            assert minion.fire_event({"v": 1}, "shared")
+        assert ev.get_event(wait=TIMEOUT, tag="shared")["v"] == 1
+
+
+def test_fire_master_from_minion_reaches_master_bus(sock_dir):
+    with MasterEvent(sock_dir) as master, \
+            MinionEvent({"sock_dir": sock_dir, "id": "minion-7"}) as minion:
+        data = {"k": "v", "n": [1]}
+        assert minion.fire_master(data, "my/custom/tag") is True
+        assert data == {"k": "v", "n": [1]}
+        got = master.get_event(wait=TIMEOUT, tag="my/custom/tag", full=True)
+        local = minion.get_event(wait=TIMEOUT, tag="fire_master", full=True)
+    assert got["tag"] == "my/custom/tag"
+    load = got["data"]
+    assert load["cmd"] == "_minion_event" and load["id"] == "minion-7"
+    assert load["data"] == data and load["tag"] == "my/custom/tag" and load["pretag"] is None
+    assert local["tag"] == "fire_master"
+    assert set(local["data"]) == {"tag", "data", "events", "pretag", "_stamp"}
+    assert local["data"]["tag"] == "my/custom/tag" and local["data"]["data"] == data
+    assert local["data"]["events"] is None and local["data"]["pretag"] is None
+
+
+def test_fire_master_honours_master_sock_dir(sock_dir):
+    master_dir = os.path.join(sock_dir, "master")
+    with MasterEvent(master_dir) as master, MasterEvent(sock_dir) as wrong, \
+            MinionEvent({"sock_dir": sock_dir, "id": "m", "master_sock_dir": master_dir},
+                        listen=False) as minion:
+        assert minion.fire_master({"x": 1}, "fwd")
+        assert master.get_event(wait=TIMEOUT, tag="fwd")["data"] == {"x": 1}
+        assert wrong.get_event(wait=0.1, tag="fwd") is None
+
+
+def test_fire_master_on_master_bus(listener, firer):
+    assert firer.fire_master({"x": 1}, "m/tag") is True
+    got = listener.get_event(wait=TIMEOUT, full=True)
+    assert got["tag"] == "fire_master" and got["data"]["tag"] == "m/tag"
+    assert got["data"]["data"] == {"x": 1}
+
+
+def _state_return():
+    return {
+        "file_|-/etc/x_|-/etc/x_|-managed": {"result": False, "comment": "broken", "name": "/etc/x"},
+        "cmd_|-ok_|-true_|-run": {"result": True, "comment": "fine"},
+    }
+
+
+def test_fire_ret_load_fires_salts_error_events(listener, firer):
+    load = {"fun": "state.sls", "retcode": 2, "jid": "20240101", "id": "m1", "user": "root",
+            "return": _state_return()}
+    firer.fire_ret_load(load)
+    assert firer.fire_event({}, "sentinel")
+    events = drain(listener, 10, until="sentinel")
+    assert [e["tag"] for e in events] == ["file.managed", "salt/job/20240101/sub/m1/error/state.sls"]
+    first, second = events[0]["data"], events[1]["data"]
+    assert first["result"] is False and first["comment"] == "broken" and first["retcode"] == 2
+    assert "jid" not in first                      # fired before Salt adds the job fields
+    assert second["success"] is False and second["return"] == "Error: file.managed"
+    assert second["fun"] == "state.sls" and second["jid"] == "20240101"
+    assert second["id"] == "m1" and second["user"] == "root" and second["retcode"] == 2
+
+
+def test_fire_ret_load_multi_function_job(listener, firer):
+    load = {"fun": ["test.ping", "state.sls"], "retcode": [0, 1], "jid": "j2", "id": "m2",
+            "user": "u", "return": [True, _state_return()]}
+    firer.fire_ret_load(load)
+    load = {"fun": ["state.highstate"], "retcode": {"state.highstate": 3}, "jid": "j3", "id": "m3",
+            "user": "u", "return": {"state.highstate": _state_return()}}
+    firer.fire_ret_load(load)
+    assert firer.fire_event({}, "sentinel")
+    tags = [e["tag"] for e in drain(listener, 10, until="sentinel")]
+    assert tags == ["file.managed", "salt/job/j2/sub/m2/error/state.sls",
+                    "file.managed", "salt/job/j3/sub/m3/error/state.highstate"]
+
+
+@pytest.mark.parametrize("load", [
+    {"fun": "state.sls", "retcode": 0, "jid": "1", "id": "m", "user": "u",
+     "return": _state_return()},
+    {"fun": "test.ping", "retcode": 1, "jid": "1", "id": "m", "user": "u", "return": False},
+    {"fun": ["test.ping", "state.sls"], "retcode": [1, 0], "jid": "1", "id": "m", "user": "u",
+     "return": [False, _state_return()]},
+])
+def test_fire_ret_load_fires_nothing_for_success_or_other_functions(listener, firer, load):
+    firer.fire_ret_load(load)
+    assert firer.fire_event({}, "sentinel")
+    assert drain(listener, 10, until="sentinel") == []
+
+
+def test_namespaced_event(listener, sock_dir):
+    printed = []
+    inner = MasterEvent(sock_dir, listen=False)
+    with NamespacedEvent(inner, "salt/custom", print_func=lambda t, d: printed.append((t, d))) as ns:
+        assert ns.event is inner and ns.base == "salt/custom"
+        ns.fire_event({"a": 1}, "thing")
+        ns.fire_event({"b": 2}, ["x", "y"])
+    assert not inner.cpush and inner.closed      # destroyed with the namespace
+    events = drain(listener, 2, tag="salt/custom/")
+    assert [e["tag"] for e in events] == ["salt/custom/thing", "salt/custom/x/y"]
+    assert printed == [("thing", {"a": 1}), (["x", "y"], {"b": 2})]
+    with NamespacedEvent(MasterEvent(sock_dir, listen=False), "base") as ns:
+        ns.fire_event({}, "quiet")                 # no print_func: nothing to call
+    assert listener.get_event(wait=TIMEOUT, full=True)["tag"] == "base/quiet"
+
+
+def test_master_and_local_client_event_share_the_master_bus(sock_dir):
+    assert issubclass(LocalClientEvent, MasterEvent) and issubclass(MasterEvent, SaltEvent)
+    with LocalClientEvent(sock_dir) as local, MasterEvent(sock_dir, listen=False) as master:
+        assert master.fire_event({"x": 1}, "lce")
+        assert local.get_event(wait=TIMEOUT, tag="lce")["x"] == 1
+
+
+def test_no_leaks_after_many_create_destroy_cycles(sock_dir):
+    threads, fds = set(threading.enumerate()), _open_fds()
+    for i in range(200):
+        with MasterEvent(sock_dir) as ev:
+            assert ev.fire_event({"i": i}, "cycle")
+            assert ev.get_event(wait=TIMEOUT, tag="cycle")["i"] == i
+    wait_until(lambda: not _extra_threads(threads), what="broker threads to end")
+    assert _open_fds() - fds == set()
+
+
+@pytest.mark.parametrize("make, exc", [
+    (lambda d: MasterEvent(d, opts={"event_match_type": "glob"}), ValueError),
+    (lambda d: MinionEvent({"sock_dir": d, "id": "m", "hash_type": "nohash"}), ValueError),
+    (lambda d: MasterEvent(os.path.join(d, "file")), SaltEventError),
+    (lambda d: MasterEvent(os.path.join(d, "locked"), raise_errors=True), OSError),
+], ids=["match_type", "hash_type", "sock_dir-is-a-file", "lock-is-a-directory"])
+def test_failing_constructor_leaks_nothing(sock_dir, make, exc):
+    with open(os.path.join(sock_dir, "file"), "w"):
+        pass
+    os.makedirs(lock_path(os.path.join(sock_dir, "locked")))
+    threads, fds = set(threading.enumerate()), _open_fds()
+    for _ in range(200):
+        with pytest.raises(exc):
+            make(sock_dir)
+    assert _extra_threads(threads) == []
+    assert _open_fds() - fds == set()
+    with MasterEvent(sock_dir) as ev:               # the process can still use buses
+        assert ev.fire_event({}, "ok") and ev.get_event(wait=TIMEOUT, tag="ok") is not None
+
+
+def test_fire_in_child_listen_here(sock_dir, listener, spawn):
+    child = spawn()
+    assert not child.call(op="open", name="f", sock_dir=sock_dir, listen=False)["broker_here"]
+    data = {"text": "héllo ☃", "nested": {"l": [1, 2, {"x": None}]}, "flag": True, "num": 1.5}
+    assert child.call(op="fire", name="f", tag="cross/1", n=3, data=data)["ok"] == 3
+    events = drain(listener, 3, tag="cross/")
+    assert [e["data"].pop("i") for e in events] == [0, 1, 2]
+    for event in events:
+        assert event["data"].pop("_stamp")
+        assert event == {"tag": "cross/1", "data": data}
+
+
+def test_fire_here_listen_in_child(sock_dir, spawn):
+    child = spawn()
+    assert child.call(op="open", name="l", sock_dir=sock_dir)["broker_here"]
+    child.send(op="get", name="l", tag="cross/", n=3, wait=TIMEOUT)
+    with MasterEvent(sock_dir, listen=False) as ev:
+        for i in range(3):
+            assert ev.fire_event({"i": i, "t": (1, 2)}, "cross/back") is True
+        got = child.recv(timeout=TIMEOUT + 2)
+    assert [(e["tag"], e["data"]["i"], e["data"]["t"]) for e in got["events"]] == [
+        ("cross/back", i, [1, 2]) for i in range(3)]
+
+
+# -- asyncio ------------------------------------------------------------------
+
+def run_async(coro, timeout=4 * TIMEOUT):
+    """Run *coro* on a fresh loop with a hard time limit."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+def child(code, sock_dir, **kwargs):
+    """Start a Python child running *code* (``D`` is the sock_dir), saltevent importable."""
+    env = dict(os.environ, PYTHONPATH=HERE, PYTHONDONTWRITEBYTECODE="1")
+    prelude = f"import saltevent, sys, time, json\nD = {sock_dir!r}\n"
+    return subprocess.Popen([sys.executable, "-c", prelude + code], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def reap(proc, timeout=TIMEOUT):
+    """Wait for *proc*; kill it if it does not finish; return (rc, stdout, stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out, err
+
+
+def test_async_listener_gets_events_from_a_sync_firer_process(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, io_loop=loop) as ev:
+            proc = child("e = saltevent.MasterEvent(D, listen=False)\n"
+                         "for i in range(20):\n"
+                         "    assert e.fire_event({'i': i}, 'from/sync')\n"
+                         "e.destroy()\n", sock_dir)
+            try:
+                got = [(await ev.get_event_async(wait=TIMEOUT, tag="from/sync"))["i"]
+                       for _ in range(20)]
+            finally:
+                rc, _, err = await loop.run_in_executor(None, reap, proc)
+            assert rc == 0, err
+            return got
+    assert run_async(main()) == list(range(20))
+
+
+def test_async_firer_reaches_a_sync_listener_process(sock_dir):
+    proc = child("e = saltevent.MasterEvent(D)\nprint('ready', flush=True)\n"
+                 "print(json.dumps([e.get_event(wait=5, tag='from/async')['i'] "
+                 "for _ in range(20)]), flush=True)\ne.destroy()\n", sock_dir)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+
+        async def main():
+            with MasterEvent(sock_dir, listen=False, io_loop=asyncio.get_running_loop()) as ev:
+                return [await ev.fire_event_async({"i": i}, "from/async") for i in range(20)]
+        assert run_async(main()) == [True] * 20
+    finally:
+        rc, out, err = reap(proc)
+    assert rc == 0, err
+    assert json.loads(out) == list(range(20))
+
+
+def test_aiter_events_delivers_1000_events_in_order(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, io_loop=loop) as ev, \
+                MasterEvent(sock_dir, listen=False, io_loop=loop) as firer:
+            async def fire():
+                for i in range(1000):
+                    assert await firer.fire_event_async({"i": i}, "seq/n")
+                await firer.fire_event_async({}, "other/tag")   # not matched by aiter
+            task = asyncio.ensure_future(fire())
+            got = []
+            async for data in ev.aiter_events(tag="seq/"):
+                got.append(data["i"])
+                if len(got) == 1000:
+                    break
+            await task
+            return got
+    assert run_async(main()) == list(range(1000))
+
+
+def test_event_handlers_plain_and_coroutine_get_raw_frames(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen_plain, seen_coro = [], []
+        done = asyncio.Event()
+        with MasterEvent(sock_dir, io_loop=loop) as plain, \
+                MasterEvent(sock_dir, io_loop=loop) as coro, \
+                MasterEvent(sock_dir, listen=False, io_loop=loop) as firer:
+            plain.set_event_handler(lambda raw: seen_plain.append(plain.unpack(raw)))
+
+            async def handler(raw):
+                await asyncio.sleep(0)
+                seen_coro.append(coro.unpack(raw))
+                if len(seen_coro) == 5:
+                    done.set()
+            coro.set_event_handler(handler)
+            for i in range(5):
+                await firer.fire_event_async({"i": i}, f"h/{i}")
+            await asyncio.wait_for(done.wait(), TIMEOUT)
+            while len(seen_plain) < 5:
+                await asyncio.sleep(0.01)
+        return seen_plain, seen_coro
+    plain, coro = run_async(main())
+    assert [tag for tag, _ in plain] == [f"h/{i}" for i in range(5)]
+    assert [data["i"] for _, data in coro] == list(range(5))
+
+
+def test_a_raising_handler_is_logged_and_later_events_still_come(sock_dir, caplog):
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+        with MasterEvent(sock_dir, io_loop=loop) as ev, \
+                MasterEvent(sock_dir, listen=False, io_loop=loop) as firer:
+            def handler(raw):
+                tag, data = ev.unpack(raw)
+                seen.append(tag)
+                if tag == "boom":
+                    raise RuntimeError("handler failed on purpose")
+            ev.set_event_handler(handler)
+            for tag in ("before", "boom", "after"):
+                await firer.fire_event_async({}, tag)
+            while len(seen) < 3:
+                await asyncio.sleep(0.01)
+        return seen
+    with caplog.at_level(logging.ERROR, logger="saltevent"):
+        assert run_async(main()) == ["before", "boom", "after"]
+    records = [r for r in caplog.records if "handler" in r.getMessage()]
+    assert records and records[0].exc_info is not None
+    assert "handler failed on purpose" in caplog.text
+
+
+def test_get_event_async_is_a_hard_deadline_on_a_busy_bus(sock_dir):
+    stop = threading.Event()
+
+    def flood():
+        with MasterEvent(sock_dir, listen=False) as firer:
+            while not stop.is_set():
+                firer.fire_event({"x": 1}, "noise")
+
+    async def main():
+        with MasterEvent(sock_dir, io_loop=asyncio.get_running_loop()) as ev:
+            started = time.monotonic()
+            result = await ev.get_event_async(wait=0.3, tag="never")
+            return result, time.monotonic() - started
+    thread = threading.Thread(target=flood)
+    thread.start()
+    try:
+        result, elapsed = run_async(main())
+    finally:
+        stop.set()
+        join(thread)
+    assert result is None
+    assert 0.3 <= elapsed <= 0.3 + 2.0
+
+
+def test_cancelling_a_waiter_leaves_the_object_usable(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, io_loop=loop) as ev, \
+                MasterEvent(sock_dir, listen=False, io_loop=loop) as firer:
+            waiter = asyncio.ensure_future(ev.get_event_async(wait=0))
+            await asyncio.sleep(0.05)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert await firer.fire_event_async({"ok": 1}, "after/cancel")
+            return await ev.get_event_async(wait=TIMEOUT, tag="after/")
+    assert run_async(main())["ok"] == 1
+
+
+def test_destroy_wakes_every_waiter(sock_dir):
+    async def main():
+        ev = MasterEvent(sock_dir, io_loop=asyncio.get_running_loop())
+
+        async def iterate():
+            return [data async for data in ev.aiter_events()]
+        waiters = [asyncio.ensure_future(ev.get_event_async(wait=0)),
+                   asyncio.ensure_future(ev.get_event_async(wait=0, tag="x")),
+                   asyncio.ensure_future(iterate())]
+        await asyncio.sleep(0.05)
+        ev.destroy()
+        return await asyncio.wait_for(asyncio.gather(*waiters), TIMEOUT)
+    assert run_async(main()) == [None, None, []]
+
+
+def test_async_listener_carries_on_when_the_broker_process_exits(sock_dir):
+    host = child("e = saltevent.MasterEvent(D)\nprint('ready', flush=True)\n"
+                 "sys.stdin.readline()\ne.destroy()\n", sock_dir)
+    try:
+        assert host.stdout.readline().strip() == "ready"
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            with MasterEvent(sock_dir, io_loop=loop) as ev, \
+                    MasterEvent(sock_dir, listen=False, io_loop=loop) as firer:
+                got = []
+                for i in range(50):
+                    if i == 20:                       # the broker's process leaves
+                        host.stdin.write("\n")
+                        host.stdin.flush()
+                        rc = await loop.run_in_executor(None, host.wait, TIMEOUT)
+                        assert rc == 0
+                    assert await firer.fire_event_async({"i": i}, "ho/n")
+                    got.append((await ev.get_event_async(wait=TIMEOUT, tag="ho/"))["i"])
+                return got, ev.gaps
+        got, gaps = run_async(main())
+    finally:
+        reap(host)
+    assert got == list(range(50))
+    assert gaps == 0
+
+
+def test_async_use_leaves_no_pending_tasks_or_unclosed_resources(sock_dir):
+    code = (
+        "import asyncio, gc, warnings\n"
+        "async def main():\n"
+        "    loop = asyncio.get_running_loop()\n"
+        "    ev = saltevent.MasterEvent(D, io_loop=loop)\n"
+        "    fe = saltevent.MasterEvent(D, listen=False, io_loop=loop)\n"
+        "    async def h(raw):\n"
+        "        await asyncio.sleep(10)\n"              # still pending at destroy
+        "    hv = saltevent.MasterEvent(D, io_loop=loop)\n"
+        "    hv.set_event_handler(h)\n"
+        "    await fe.fire_event_async({'a': 1}, 't')\n"
+        "    assert (await ev.get_event_async(wait=5))['a'] == 1\n"
+        "    w = asyncio.ensure_future(ev.get_event_async(wait=0, tag='never'))\n"
+        "    await asyncio.sleep(0.05)\n"
+        "    for e in (ev, fe, hv):\n"
+        "        e.destroy()\n"
+        "    assert await w is None\n"
+        "    await asyncio.sleep(0.05)\n"
+        "asyncio.run(main())\n"
+        "gc.collect()\n"
+        "print('done', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=HERE, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c",
+                           f"import saltevent, sys\nD = {sock_dir!r}\n" + code],
+                          env=env, capture_output=True, text=True, timeout=4 * TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    for bad in ("Task was destroyed", "unclosed", "Traceback", "never awaited"):
+        assert bad not in proc.stderr
+
+
+def test_keep_loop_decides_whether_destroy_closes_a_loop_saltevent_made(sock_dir):
+    for keep in (False, True):
+        ev = MasterEvent(sock_dir, keep_loop=keep)
+        ev.set_event_handler(lambda raw: None)      # no running loop: saltevent makes one
+        loop = ev.io_loop
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+        ev.destroy()
+        assert loop.is_closed() is (not keep)
+        if keep:
+            loop.close()
+
+
+def test_destroy_never_closes_a_loop_it_was_given(sock_dir):
+    loop = asyncio.new_event_loop()
+    try:
+        with MasterEvent(sock_dir, io_loop=loop) as ev:
+            ev.set_event_handler(lambda raw: None)
+        assert not loop.is_closed()
+    finally:
+        loop.close()
+
+
+# -- Module-level functions ---------------------------------------------------
+
+
+def test_get_event_function(sock_dir):
+    with saltevent.get_event("master", sock_dir) as ev:
+        assert isinstance(ev, MasterEvent) and ev.cpub
+    with saltevent.get_event("master", opts={"sock_dir": sock_dir}, listen=False) as ev:
+        assert isinstance(ev, MasterEvent) and not ev.cpub and ev.sock_dir == sock_dir
+    with saltevent.get_event("minion", sock_dir, opts={"id": "m"}, listen=False) as ev:
+        assert type(ev) is SaltEvent and ev.node == "minion"
+
+
+def test_get_master_event(sock_dir):
+    with saltevent.get_master_event({}, sock_dir) as ev:
+        assert isinstance(ev, MasterEvent) and ev.cpub
+        assert ev.fire_event({}, "gme") and ev.get_event(wait=TIMEOUT, tag="gme") is not None
+    with saltevent.get_master_event({}, sock_dir, listen=False) as ev:
+        assert not ev.cpub
+
+
+def test_fire_args(listener, sock_dir):
+    saltevent.fire_args({"sock_dir": sock_dir}, "20240101", {"arg": [1, "two"]}, prefix="job")
+    got = listener.get_event(wait=TIMEOUT, full=True)
+    assert got["tag"] == "salt/job/20240101/args"
+    assert got["data"]["arg"] == [1, "two"]
+    saltevent.fire_args({"sock_dir": sock_dir}, "77", {})
+    assert listener.get_event(wait=TIMEOUT, full=True)["tag"] == "salt/77/args"
+
+
+def test_fire_args_never_raises(sock_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    path = os.path.join(sock_dir, "not-a-dir")
+    with open(path, "w"):
+        pass
+    assert saltevent.fire_args({"sock_dir": path}, "1", {"a": 1}) is None
+    assert saltevent.fire_args({"sock_dir": sock_dir}, "1", {"a": b"bytes"}) is None
+    assert len([r for r in caplog.records if "Failed to fire args" in r.getMessage()]) == 2
+
+
+# -- CLI ----------------------------------------------------------------------
+
+
+def cli(*args, sock_dir=None, **kwargs):
+    """Start ``python -m saltevent ARGS`` (with --sock-dir when given) in a subprocess."""
+    argv = [sys.executable, "-m", "saltevent", *args]
+    if sock_dir is not None:
+        argv += ["--sock-dir", sock_dir]
+    env = dict(os.environ, PYTHONPATH=HERE, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.Popen(argv, env=env, text=True, encoding="utf-8",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def cli_run(*args, sock_dir=None):
+    return reap(cli(*args, sock_dir=sock_dir))
+
+
+def listeners_on(sock_dir):
+    rc, out, _ = cli_run("stats", "--json", sock_dir=sock_dir)
+    return json.loads(out)["listeners"] if rc == 0 else 0
+
+
+@pytest.fixture
+def held_bus(sock_dir):
+    """Keep the bus's broker alive in this process while CLI children come and go."""
+    with MasterEvent(sock_dir, listen=False) as ev:
+        assert ev.connect_pull(timeout=TIMEOUT)
+        yield sock_dir
+
+
+def start_listen(sock_dir, *args, listeners=1):
+    proc = cli("listen", *args, sock_dir=sock_dir)
+    try:
+        wait_until(lambda: listeners_on(sock_dir) >= listeners or proc.poll() is not None,
+                   what="the CLI listener to register")
+    except BaseException:
+        proc.kill()
+        reap(proc)
+        raise
+    assert proc.poll() is None, reap(proc)
+    return proc
+
+
+def line_for(tag, sent, stamp, pretty=False):
+    data = dict(sent, _stamp=stamp)
+    if pretty:
+        return f"{tag}\t{json.dumps(data, ensure_ascii=False, sort_keys=True, indent=4)}\n"
+    return f"{tag}\t{json.dumps(data, ensure_ascii=False)}\n"
+
+
+def stamps(out):
+    return re.findall(r'"_stamp": "([^"]+)"', out)
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_cli_listen_prints_fired_events_as_salt_does(held_bus, pretty):
+    extra = ["--pretty"] if pretty else []
+    listen = start_listen(held_bus, "--count", "2", *extra)
+    try:
+        assert cli_run("fire", '{"msg": "héllo ✓", "n": 1}', "myco/one",
+                       sock_dir=held_bus)[0] == 0
+        assert cli_run("fire", "user=alice", "n=2", "ok=true", "list=[1, 2]", "word=x y",
+                       "myco/two", sock_dir=held_bus)[0] == 0
+    finally:
+        rc, out, err = reap(listen)
+    assert rc == 0, err
+    first, second = stamps(out)
+    assert out == (line_for("myco/one", {"msg": "héllo ✓", "n": 1}, first, pretty)
+                   + line_for("myco/two", {"user": "alice", "n": 2, "ok": True,
+                                           "list": [1, 2], "word": "x y"}, second, pretty))
+
+
+@pytest.mark.parametrize("args, fired, wanted", [
+    (["myco/*/done"], ["myco/a/start", "other/x/done", "myco/a/done"], "myco/a/done"),
+    (["myco/[0-9]+"], ["myco/x", "myco/12x", "myco/12"], "myco/12"),
+    (["--match-type", "endswith", "/done"], ["a/start", "a/done/not", "b/done"], "b/done"),
+    (["--match-type", "find", "mid"], ["a/b", "a/mid/b"], "a/mid/b"),
+])
+def test_cli_listen_filters_tags(held_bus, args, fired, wanted):
+    listen = start_listen(held_bus, "--count", "1", *args)
+    try:
+        with MasterEvent(held_bus, listen=False) as firer:
+            for tag in fired:
+                assert firer.fire_event({}, tag)
+    finally:
+        rc, out, err = reap(listen)
+    assert rc == 0, err
+    assert [line.split("\t")[0] for line in out.splitlines()] == [wanted]
+
+
+def test_cli_listen_quiet_blocks_until_an_event_and_prints_nothing(held_bus):
+    listen = start_listen(held_bus, "myco/up", "--count", "1", "--quiet")
+    try:
+        assert listen.poll() is None
+        assert cli_run("fire", "{}", "myco/up", sock_dir=held_bus)[0] == 0
+    finally:
+        rc, out, err = reap(listen)
+    assert (rc, out) == (0, "")
+
+
+def test_cli_fire_master_reaches_a_master_bus_listener(sock_dir):
+    with MasterEvent(sock_dir) as master:
+        rc, out, err = cli_run("fire-master", "--id", "web1", "status=ok", "myco/health",
+                               sock_dir=sock_dir)
+        assert (rc, out, err) == (0, "", "")
+        event = master.get_event(wait=TIMEOUT, tag="myco/health", full=True)
+    assert event["data"]["data"] == {"status": "ok"}
+    assert event["data"]["id"] == "web1"
+    assert event["data"]["tag"] == "myco/health"
+
+
+def test_cli_bus_serves_clients_and_hands_off_on_sigterm(sock_dir):
+    bus = cli("bus", "-v", sock_dir=sock_dir)
+    try:
+        wait_until(lambda: os.path.exists(bus_path(sock_dir)) and listeners_on(sock_dir) == 0
+                   and cli_run("stats", sock_dir=sock_dir)[0] == 0, what="the bus to serve")
+        rc, out, _ = cli_run("stats", "--json", sock_dir=sock_dir)
+        assert json.loads(out)["pid"] == bus.pid
+        assert cli_run("bus", sock_dir=sock_dir)[0] == 1     # one broker per bus
+        with MasterEvent(sock_dir) as listener, MasterEvent(sock_dir, listen=False) as firer:
+            got = []
+            for i in range(200):
+                if i == 100:
+                    bus.send_signal(signal.SIGTERM)
+                assert firer.fire_event({"i": i}, "bus/n")
+            while len(got) < 200:
+                event = listener.get_event(wait=TIMEOUT, tag="bus/n")
+                assert event is not None, f"lost events after {got[-1:]}"
+                got.append(event["i"])
+            assert got == list(range(200))
+            assert listener.gaps == 0
+    finally:
+        rc, out, err = reap(bus)
+    assert rc == 0, err
+    assert "handed off" in err
+
+
+def test_cli_stats_reflects_traffic(held_bus):
+    with MasterEvent(held_bus) as listener:
+        for i in range(3):
+            assert cli_run("fire", f"n={i}", "stats/n", sock_dir=held_bus)[0] == 0
+        assert len(drain(listener, 3, tag="stats/")) == 3
+        rc, out, err = cli_run("stats", "--json", sock_dir=held_bus)
+        assert rc == 0, err
+        stats = json.loads(out)
+        assert stats["pid"] == os.getpid()
+        assert stats["listeners"] >= 1 and stats["events_in"] >= 3
+        assert any(item["events_out"] >= 3 for item in stats["per_listener"])
+        rc, out, _ = cli_run("stats", sock_dir=held_bus)
+    assert rc == 0 and "events in" in out and "listener" in out
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["fire", "[1, 2]", "t"], 1, "DATA must be a JSON object"),
+    (["fire", "notkv", "other", "t"], 1, "key=value"),
+    (["fire", "onlytag"], 2, "DATA and TAG"),
+    (["listen", "--match-type", "bogus"], 2, "invalid choice"),
+    (["listen", "--count", "many"], 2, "invalid int"),
+    (["nosuchcommand"], 2, "invalid choice"),
+])
+def test_cli_errors_exit_with_the_documented_code(sock_dir, args, code, message):
+    rc, out, err = cli_run(*args, sock_dir=sock_dir)
+    assert rc == code
+    assert message in err
+
+
+def test_cli_runtime_errors_are_one_line(sock_dir):
+    rc, _, err = cli_run("stats", sock_dir=sock_dir)
+    assert rc == 1 and err.count("\n") == 1 and "no broker runs" in err
+    blocker = os.path.join(sock_dir, "file")
+    open(blocker, "w").close()
+    rc, _, err = cli_run("fire", "a=1", "t", sock_dir=os.path.join(blocker, "sub"))
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("saltevent: ")
+
+
+def test_cli_listen_into_a_closed_pipe_exits_quietly(held_bus):
+    listen = start_listen(held_bus)
+    try:
+        with MasterEvent(held_bus, listen=False) as firer:
+            assert firer.fire_event({"n": 1}, "pipe/1")
+            assert listen.stdout.readline().startswith("pipe/1\t")
+            listen.stdout.close()                  # what `| head -1` does
+            for i in range(5):
+                firer.fire_event({"n": i}, "pipe/more")
+            rc = listen.wait(TIMEOUT)
+        err = listen.stderr.read()
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+        listen.wait(TIMEOUT)
+        listen.stderr.close()
+    assert rc == 0
+    assert err == ""
+
+
+def test_cli_main_in_process(sock_dir, capsys):
+    with MasterEvent(sock_dir) as listener:
+        assert saltevent.main(["fire", "--sock-dir", sock_dir, '{"a": 1}', "in/proc"]) == 0
+        assert listener.get_event(wait=TIMEOUT, tag="in/proc")["a"] == 1
+        assert saltevent.main(["stats", "--json", "--sock-dir", sock_dir]) == 0
+        assert json.loads(capsys.readouterr().out)["events_in"] >= 1
+    assert saltevent.main(["fire", "--sock-dir", sock_dir, "[1]", "t"]) == 1
+    assert "DATA must be a JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        saltevent.main(["fire", "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
