@@ -12,7 +12,6 @@ longest gap between two consecutive events at the listener around the hand-off
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
