@@ -1824,7 +1824,7 @@ class SaltEvent:
         if not tag:
             raise ValueError("Empty tag.")
         if data.__class__ is not dict and not isinstance(data, Mapping):
-            raise ValueError(f"Dict object expected, not {data!r}.")
+            raise ValueError(f"Dict object expected, not '{data}'.")
         data = dict(data)
         data["_stamp"] = _stamp()
         frame = _encode_event(tag, data)
