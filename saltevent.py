@@ -1587,11 +1587,16 @@ class SaltEvent:
         try:
             self._pub = _drive(self._subscribe_steps(deadline, resume=False))
         except (SaltEventError, OSError) as exc:
-            if self.raise_errors:
-                raise
-            log.warning("cannot listen on %s: %s", self._bus.path, exc)
-            return False
+            return self._failed("cannot listen", exc)
         return True
+
+    def _failed(self, what: str, exc: BaseException) -> bool:
+        """Report a failure as Salt's boolean API does: log it and return False, or
+        raise it with ``raise_errors``."""
+        if self.raise_errors:
+            raise exc
+        log.warning("%s on %s: %s", what, self._bus.path, exc)
+        return False
 
     def close_pub(self) -> None:
         """Close the listening side; events already received stay queued."""
@@ -1608,10 +1613,7 @@ class SaltEvent:
             try:
                 _drive(self._pull_steps(deadline))
             except (SaltEventError, OSError) as exc:
-                if self.raise_errors:
-                    raise
-                log.warning("cannot fire on %s: %s", self._bus.path, exc)
-                return False
+                return self._failed("cannot fire", exc)
             return True
 
     def close_pull(self) -> None:
@@ -1855,10 +1857,7 @@ class SaltEvent:
             try:
                 return _drive(self._send_steps(frame, sent, deadline))
             except (SaltEventError, OSError) as exc:
-                if self.raise_errors:
-                    raise
-                log.warning("event not sent on %s: %s", self._bus.path, exc)
-                return False
+                return self._failed("event not sent", exc)
 
     def fire_event(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire *data* under *tag* on this bus.
@@ -2127,10 +2126,7 @@ class SaltEvent:
         try:
             return await self._drive_async(self._send_steps(frame, 0, deadline))
         except (SaltEventError, OSError) as exc:
-            if self.raise_errors:
-                raise
-            log.warning("event not sent on %s: %s", self._bus.path, exc)
-            return False
+            return self._failed("event not sent", exc)
 
     def _check_no_handler(self) -> None:
         if self._handler is not None:
