@@ -634,7 +634,6 @@ class Broker:
         self._peers: dict = {}
         self._listeners: dict = {}
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
         self._thread = None
         self._error = None
         self._born = time.monotonic()
@@ -691,7 +690,6 @@ class Broker:
             log.exception("broker of %s stopped on an unexpected error", self.bus.path)
         finally:
             self._close_fds()
-            self._stopped.set()
 
     def stop(self) -> None:
         """Ask the broker to hand off and stop; do not wait."""
@@ -752,13 +750,13 @@ class Broker:
                 elif peer is self._wake_r:
                     self._drain_wake()
                 else:
-                    if mask & selectors.EVENT_READ and peer.fd in self._peers:
+                    if mask & selectors.EVENT_READ and self._peers.get(peer.fd) is peer:
                         self._on_readable(peer, dirty)
-                    if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
+                    if mask & selectors.EVENT_WRITE and self._peers.get(peer.fd) is peer:
                         dirty.add(peer)
             if dirty:
                 for peer in dirty:
-                    if peer.fd in self._peers:
+                    if self._peers.get(peer.fd) is peer:
                         self._flush(peer)
                 dirty.clear()
             if self._replay_open and time.monotonic() - self._born > _REPLAY_SECONDS:
@@ -836,7 +834,7 @@ class Broker:
         for obj in objs:
             if not _is_event(obj):
                 block, nframes = self._split_control(peer, block, objs, dirty)
-                if peer.fd not in self._peers:
+                if self._peers.get(peer.fd) is not peer:
                     return
                 break
         if nframes:
@@ -1003,9 +1001,11 @@ class Broker:
 
     def _drop(self, peer: _Peer, reason: str) -> None:
         """Close *peer*; log *reason* when it is an error.  Runs on the broker thread."""
-        if self._peers.pop(peer.fd, None) is None:
+        if self._peers.get(peer.fd) is not peer:    # already dropped (its fd may be reused)
             return
-        self._listeners.pop(peer.fd, None)
+        del self._peers[peer.fd]
+        if self._listeners.get(peer.fd) is peer:
+            del self._listeners[peer.fd]
         if reason:
             log.warning("dropped a client of %s (pid %d): %s", self.bus.path, peer.pid, reason)
         else:
@@ -1043,7 +1043,7 @@ class Broker:
         deadline = now + _HANDOFF_TIMEOUT
         while self._peers:
             for peer in dirty:
-                if peer.fd in self._peers:
+                if self._peers.get(peer.fd) is peer:
                     self._flush(peer)
             dirty.clear()
             now = time.monotonic()
@@ -1061,9 +1061,9 @@ class Broker:
                 if peer is self._wake_r:
                     self._drain_wake()
                     continue
-                if mask & selectors.EVENT_READ and peer.fd in self._peers:
+                if mask & selectors.EVENT_READ and self._peers.get(peer.fd) is peer:
                     self._on_readable(peer, dirty)
-                if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
+                if mask & selectors.EVENT_WRITE and self._peers.get(peer.fd) is peer:
                     dirty.add(peer)
         log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
         sock, self._listen_sock = self._listen_sock, None
