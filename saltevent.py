@@ -1240,7 +1240,7 @@ class _Conn:
     Shared by the sync API and the asyncio face.  Not thread-safe.
     """
 
-    __slots__ = ("sock", "frames", "bye", "eof", "gap", "dropped", "broker_pid")
+    __slots__ = ("sock", "frames", "bye", "eof", "gap", "dropped")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -1249,7 +1249,6 @@ class _Conn:
         self.eof = False          # the broker closed the connection
         self.gap = False          # events may have been missed
         self.dropped = 0          # events the broker dropped for us, not yet counted
-        self.broker_pid = 0
 
     def feed(self, chunk: bytes, events: collections.deque) -> list:
         """Decode *chunk*; append events to *events*; return other control frames."""
@@ -1416,7 +1415,6 @@ class SaltEvent:
                 msg = yield from _control_steps(conn, "ok", deadline, self._events,
                                                  self._bus.path)
                 if msg is not None:
-                    conn.broker_pid = msg.get("pid", 0)
                     if msg.get("gap"):
                         self._note_gap("the new broker no longer holds the events")
                     return conn
@@ -1512,7 +1510,6 @@ class SaltEvent:
                 msg = yield from _control_steps(conn, "hello", deadline, collections.deque(),
                                                  self._bus.path)
                 if msg is not None:
-                    conn.broker_pid = msg.get("pid", 0)
                     self._pull = conn
                     self._bye_checked = time.monotonic()
             except BaseException:
@@ -1719,7 +1716,7 @@ class SaltEvent:
             return None
         return float(wait)
 
-    def get_event(self, wait: float = 5, tag: str = "", full: bool = False,
+    def get_event(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                   match_type: str | None = None, no_block: bool = False,
                   auto_reconnect: bool = False) -> dict | None:
         """Return the data of the next event whose tag matches *tag*, or None.
@@ -2132,7 +2129,7 @@ class SaltEvent:
         if self._handler is not None:
             raise RuntimeError("set_event_handler() already consumes this object's events")
 
-    async def get_event_async(self, wait: float = 5, tag: str = "", full: bool = False,
+    async def get_event_async(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                               match_type: str | None = None) -> dict | None:
         """Return like get_event(), awaiting on the loop; ``wait`` is the same hard deadline."""
         self._check_no_handler()
