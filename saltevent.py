@@ -1781,14 +1781,18 @@ class SaltEvent:
         self.pending_tags.append([tag, _get_matcher(match_type or self._match_type)])
 
     def unsubscribe(self, tag: str | None, match_type: str | None = None) -> None:
-        """Stop keeping *tag*'s events; drop cached events no subscription still wants."""
+        """Stop keeping *tag*'s events; drop cached events no subscription still wants.
+
+        :raises ValueError: *tag* is not subscribed with that match type (as in Salt).
+        """
         if tag is None:
             return
-        entry = [tag, _get_matcher(match_type or self._match_type)]
+        match_type = match_type or self._match_type
         try:
-            self.pending_tags.remove(entry)
+            self.pending_tags.remove([tag, _get_matcher(match_type)])
         except ValueError:
-            return
+            raise ValueError(f"tag {tag!r} is not subscribed with match_type "
+                             f"{match_type!r}") from None
         self.pending_events = [
             event for event in self.pending_events
             if any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags)

@@ -1275,7 +1275,8 @@ def test_unsubscribe_drops_cached_events_no_subscription_wants(listener, firer):
         assert firer.fire_event({}, tag)
     assert listener.get_event(wait=TIMEOUT, tag="c/", full=True)["tag"] == "c/1"
     listener.unsubscribe("a/")
-    listener.unsubscribe("not-subscribed")  # harmless
+    with pytest.raises(ValueError, match="not subscribed"):  # as Salt's list.remove does
+        listener.unsubscribe("not-subscribed")
     listener.unsubscribe(None)
     assert listener.get_event(no_block=True, tag="a/") is None
     assert listener.get_event(no_block=True, tag="b/", full=True)["tag"] == "b/1"
