@@ -1660,14 +1660,21 @@ class SaltEvent:
         log.warning("listener on %s may have missed events: %s", self._bus.path, why)
 
     def _check_pending(self, tag: str, match: Callable) -> dict | None:
-        """Return the first cached event matching *tag*; drop unsubscribed ones."""
+        """Return the first cached event matching *tag*.
+
+        As Salt does, later events that match *tag* or a subscription stay cached;
+        the others are dropped.
+        """
         if not self.pending_events:
             return None
         old, self.pending_events = self.pending_events, []
         found = None
         for event in old:
-            if found is None and match(event["tag"], tag):
-                found = event
+            if match(event["tag"], tag):
+                if found is None:
+                    found = event
+                else:
+                    self.pending_events.append(event)
             elif any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags):
                 self.pending_events.append(event)
         return found
