@@ -1797,6 +1797,36 @@ def test_async_listener_carries_on_when_the_broker_process_exits(sock_dir):
     assert gaps == 0
 
 
+def test_event_handler_carries_on_when_the_broker_process_exits(sock_dir):
+    host = child("e = saltevent.MasterEvent(D)\nprint('ready', flush=True)\n"
+                 "sys.stdin.readline()\ne.destroy()\n", sock_dir)
+    try:
+        assert host.stdout.readline().strip() == "ready"
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            seen = []
+            with MasterEvent(sock_dir, io_loop=loop) as ev, \
+                    MasterEvent(sock_dir, listen=False, io_loop=loop) as firer:
+                ev.set_event_handler(lambda raw: seen.append(ev.unpack(raw)[1]["i"]))
+                for i in range(40):
+                    if i == 20:                       # the broker's process leaves
+                        host.stdin.write("\n")
+                        host.stdin.flush()
+                        assert await loop.run_in_executor(None, host.wait, TIMEOUT) == 0
+                    assert await firer.fire_event_async({"i": i}, "ho/n")
+                    await asyncio.sleep(0.001)
+                deadline = loop.time() + TIMEOUT
+                while len(seen) < 40 and loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+                return seen, ev.gaps
+        seen, gaps = run_async(main())
+    finally:
+        reap(host)
+    assert seen == list(range(40))
+    assert gaps == 0
+
+
 def test_async_use_leaves_no_pending_tasks_or_unclosed_resources(sock_dir):
     code = (
         "import asyncio, gc, warnings\n"
