@@ -1770,11 +1770,24 @@ def test_destroy_wakes_every_waiter(sock_dir):
     assert run_async(main()) == [None, None, []]
 
 
-def test_async_listener_carries_on_when_the_broker_process_exits(sock_dir):
+def broker_host(sock_dir):
+    """Start a child that runs the bus's broker until told to leave (cleanly)."""
     host = child("e = saltevent.MasterEvent(D)\nprint('ready', flush=True)\n"
                  "sys.stdin.readline()\ne.destroy()\n", sock_dir)
+    assert host.stdout.readline().strip() == "ready"
+    return host
+
+
+async def send_host_away(host):
+    """Tell a broker_host() child to leave, and wait (off the loop) until it has."""
+    host.stdin.write("\n")
+    host.stdin.flush()
+    return await asyncio.get_running_loop().run_in_executor(None, host.wait, TIMEOUT)
+
+
+def test_async_listener_carries_on_when_the_broker_process_exits(sock_dir):
+    host = broker_host(sock_dir)
     try:
-        assert host.stdout.readline().strip() == "ready"
 
         async def main():
             loop = asyncio.get_running_loop()
@@ -1783,10 +1796,7 @@ def test_async_listener_carries_on_when_the_broker_process_exits(sock_dir):
                 got = []
                 for i in range(50):
                     if i == 20:                       # the broker's process leaves
-                        host.stdin.write("\n")
-                        host.stdin.flush()
-                        rc = await loop.run_in_executor(None, host.wait, TIMEOUT)
-                        assert rc == 0
+                        assert await send_host_away(host) == 0
                     assert await firer.fire_event_async({"i": i}, "ho/n")
                     got.append((await ev.get_event_async(wait=TIMEOUT, tag="ho/"))["i"])
                 return got, ev.gaps
@@ -1798,10 +1808,8 @@ def test_async_listener_carries_on_when_the_broker_process_exits(sock_dir):
 
 
 def test_event_handler_carries_on_when_the_broker_process_exits(sock_dir):
-    host = child("e = saltevent.MasterEvent(D)\nprint('ready', flush=True)\n"
-                 "sys.stdin.readline()\ne.destroy()\n", sock_dir)
+    host = broker_host(sock_dir)
     try:
-        assert host.stdout.readline().strip() == "ready"
 
         async def main():
             loop = asyncio.get_running_loop()
@@ -1811,9 +1819,7 @@ def test_event_handler_carries_on_when_the_broker_process_exits(sock_dir):
                 ev.set_event_handler(lambda raw: seen.append(ev.unpack(raw)[1]["i"]))
                 for i in range(40):
                     if i == 20:                       # the broker's process leaves
-                        host.stdin.write("\n")
-                        host.stdin.flush()
-                        assert await loop.run_in_executor(None, host.wait, TIMEOUT) == 0
+                        assert await send_host_away(host) == 0
                     assert await firer.fire_event_async({"i": i}, "ho/n")
                     await asyncio.sleep(0.001)
                 deadline = loop.time() + TIMEOUT
