@@ -1882,7 +1882,8 @@ class SaltEvent:
         """Fire an event for the master: tag ``fire_master`` here, forwarded from a minion bus.
 
         On a minion bus the event also reaches the master bus (``opts['master_sock_dir']``,
-        else this sock_dir) as the master sees a minion's event in Salt: under *tag*,
+        else the sock_dir this object was given, else the master bus's default) as the
+        master sees a minion's event in Salt: under *tag*,
         with data ``{'cmd': '_minion_event', 'id': <minion id>, 'data': data, 'tag': tag,
         'pretag': None}``.
         """
@@ -1895,7 +1896,7 @@ class SaltEvent:
     def _forward_to_master(self, data: Mapping, tag: str, timeout: float | None) -> bool:
         load = {"id": self.opts.get("id") or socket.gethostname(), "cmd": "_minion_event",
                 "pretag": None, "data": dict(data), "tag": tag}
-        master_dir = self.opts.get("master_sock_dir") or self.sock_dir
+        master_dir = self._master_sock_dir     # None: the master bus's own default
         opts = {key: self.opts[key] for key in ("max_event_size", "hash_type") if key in self.opts}
         with SaltEvent("master", master_dir, opts=opts, listen=False,
                        raise_errors=self.raise_errors) as master:
