@@ -1269,7 +1269,10 @@ class _Conn:
             if obj.__class__ is dict and "ctl" not in obj:
                 events.append(obj)
                 continue
-            ctl = obj.get("ctl") if obj.__class__ is dict else None
+            if obj.__class__ is not dict:
+                log.warning("skipping a frame that is not a JSON object: %.60r", obj)
+                continue
+            ctl = obj.get("ctl")
             if ctl == "drop":
                 self.dropped += int(obj.get("n", 0))
             elif ctl == "bye":
@@ -1345,6 +1348,7 @@ class SaltEvent:
         self._waiters = {}                     # asyncio futures waiting on our sockets
         self._tasks = set()                    # asyncio tasks we started
         self._handler = None
+        self._handler_fd = None                # the fd the handler's loop reader watches
         self.pending_tags = []
         self.pending_events = []
         self.dropped = 0
@@ -2011,16 +2015,23 @@ class SaltEvent:
 
     def _forget_fd(self, sock: socket.socket) -> None:
         """Stop the loop watching *sock* before it is closed."""
-        loop = self.io_loop
         fd = sock.fileno()
-        if loop is None or fd < 0 or loop.is_closed():
+        if fd >= 0:
+            self._release_loop(fd)
+
+    def _release_loop(self, fd: int | None = None) -> None:
+        """Wake the waiters on *fd* (on every fd if None) and drop the handler's reader."""
+        loop = self.io_loop
+        if loop is None or loop.is_closed():
             return
         for future, (wfd, write) in list(self._waiters.items()):
-            if wfd == fd:
+            if fd is None or wfd == fd:
                 del self._waiters[future]
-                self._call_in_loop(self._wake_waiter, future, fd, write)
-        if self._handler is not None and self._pub is not None and self._pub.sock is sock:
-            self._call_in_loop(loop.remove_reader, fd)
+                self._call_in_loop(self._wake_waiter, future, wfd, write)
+        handler_fd = self._handler_fd
+        if handler_fd is not None and (fd is None or fd == handler_fd):
+            self._handler_fd = None
+            self._call_in_loop(loop.remove_reader, handler_fd)
 
     def _wake_waiter(self, future: Any, fd: int, write: bool) -> None:
         (self.io_loop.remove_writer if write else self.io_loop.remove_reader)(fd)
@@ -2041,9 +2052,7 @@ class SaltEvent:
         loop = self.io_loop
         if loop is None or loop.is_closed():
             return
-        for future, (fd, write) in list(self._waiters.items()):
-            self._call_in_loop(self._wake_waiter, future, fd, write)
-        self._waiters.clear()
+        self._release_loop()
         for task in list(self._tasks):
             self._call_in_loop(task.cancel)
         if self._own_loop and not self.keep_loop and not loop.is_running():
@@ -2073,9 +2082,13 @@ class SaltEvent:
         if self._pub is None and not self.connect_pub(timeout=_CONNECT_TIMEOUT):
             raise BusClosedError(self._bus.path, "cannot listen")
         self._handler = handler
-        loop.add_reader(self._pub.sock.fileno(), self._on_handler_readable)
+        self._watch_for_handler(loop)
         if self._events:
             loop.call_soon(self._dispatch)
+
+    def _watch_for_handler(self, loop: Any) -> None:
+        self._handler_fd = self._pub.sock.fileno()
+        loop.add_reader(self._handler_fd, self._on_handler_readable)
 
     def _on_handler_readable(self) -> None:
         conn = self._pub
@@ -2089,7 +2102,7 @@ class SaltEvent:
             conn.eof = True
         self._account(conn)
         if conn.eof:
-            self.io_loop.remove_reader(conn.sock.fileno())
+            self._release_loop(self._handler_fd)
             self._spawn(self._handler_resume())
         self._dispatch()
 
@@ -2120,7 +2133,7 @@ class SaltEvent:
                 delay = min(delay * 2, 1.0)
                 continue
             if not self._closed:
-                self.io_loop.add_reader(self._pub.sock.fileno(), self._on_handler_readable)
+                self._watch_for_handler(self.io_loop)
                 self._dispatch()
             return
 
@@ -2406,7 +2419,9 @@ def _cmd_listen(args: Any, node: str) -> int:
                 except BrokenPipeError:
                     # The reader left (| head -1): stop quietly, and keep the
                     # interpreter from failing to flush stdout again at exit.
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, out.fileno())
+                    os.close(devnull)
                     return 0
             count += 1
             if count == args.count:

@@ -1865,6 +1865,17 @@ def test_async_use_leaves_no_pending_tasks_or_unclosed_resources(sock_dir):
         assert bad not in proc.stderr
 
 
+def test_destroy_unregisters_the_handler_from_the_loop(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        ev = MasterEvent(sock_dir, io_loop=loop)
+        ev.set_event_handler(lambda raw: None)
+        fd = ev._pub.sock.fileno()
+        ev.destroy()
+        return loop.remove_reader(fd)     # True would mean a reader on a closed fd
+    assert run_async(main()) is False
+
+
 def test_keep_loop_decides_whether_destroy_closes_a_loop_saltevent_made(sock_dir):
     for keep in (False, True):
         ev = MasterEvent(sock_dir, keep_loop=keep)
