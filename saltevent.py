@@ -1814,12 +1814,12 @@ class SaltEvent:
     @classmethod
     def pack(cls, tag: str, data: Any, max_size: int | None = None) -> bytes:
         """Return the wire frame of one event; with *max_size*, trim *data* as Salt does."""
-        if max_size and isinstance(data, dict):
+        frame = _encode_event(tag, data)
+        if max_size and isinstance(data, dict) and len(frame) > max_size:
+            data = dict(data)
+            _trim(data, max_size)
             frame = _encode_event(tag, data)
-            if len(frame) > max_size:
-                data = dict(data)
-                _trim(data, max_size)
-        return _encode_event(tag, data)
+        return frame
 
     @classmethod
     def unpack(cls, raw: bytes | str) -> tuple:
