@@ -1,15 +1,16 @@
 """SaltStack's event bus as one pure-stdlib module: ``salt.utils.event`` without ZeroMQ.
 
 Wire format.  A bus (sock_dir, node, minion id) is one AF_UNIX stream socket,
-``<sock_dir>/saltevent-master.sock`` or ``saltevent-minion-<idhash>.sock``, plus the
-election lock ``<same name>.lock``; Salt's own ``*.ipc`` names are never used.  One
-frame is one UTF-8 JSON object followed by ``b"\\n"``, at most ``MAX_FRAME_BYTES``.
-An event is ``{"tag": str, "data": dict}``; anything else is a control frame
-``{"ctl": name, ...}``: the broker greets each connection with ``hello`` (``pid``),
-or ``bye`` when it is handing off; clients send ``sub`` (become a listener:
-``backlog``, ``resume``) and ``stats``; the broker answers ``ok`` (``gap``) and
-``stats``, and sends ``drop`` (``n`` events lost) and ``bye`` (hand-off: go to the
-next broker).  Event frames are relayed byte for byte.
+``<sock_dir>/saltevent-master.sock`` or ``saltevent-minion-<idhash>.sock``, with its
+election lock ``.lock`` and hand-off state ``.state`` beside it (Salt's ``*.ipc``
+names are never used).  Every frame is an 8-byte header ``kind:u8 0:u8 taglen:u16
+bodylen:u32`` (network order), the tag, then the body; ``MAX_FRAME_BYTES`` at most.
+Kind ``E`` is an event: a UTF-8 tag and a UTF-8 JSON object, its data.  Kind ``C`` is
+a control frame, a JSON object ``{"ctl": name, ...}`` of at most 64 KiB.  Kind ``S``
+(broker to listener only) carries a u64, the sequence number of the next event.
+Clients send events and the controls ``sub`` and ``stats``; the broker relays
+events byte for byte and alone sends ``hello``, ``ok``, ``drop``, ``gap``, ``bye``,
+``stats`` and ``refused``, so no client can forge what a listener trusts.
 
 Usage::
 
@@ -18,19 +19,18 @@ Usage::
     data = event.get_event(wait=10, tag='auth')
     event.fire_event({'sample-msg': 'this is a test'}, 'tag')
 
-Choices where Salt is silent are noted where they are made; saltevent's own opts
-keys are ``saltevent_backlog_bytes`` (per-listener backlog in the broker, default
-``DEFAULT_BACKLOG_BYTES``) and ``master_sock_dir`` (default: the minion's sock_dir).
-License: Apache-2.0.
+saltevent's own opts keys (Salt ignores them) are listed in ``SALTEVENT_OPTS`` with
+their defaults; the README explains each.  License: Apache-2.0.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # Constants
-    "DEFAULT_BACKLOG_BYTES", "DEFAULT_MAX_EVENT_SIZE", "DEFAULT_WAIT", "MAX_FRAME_BYTES",
-    "SALT", "SUB_EVENT", "TAGEND", "TAGPARTER", "TAGS",
+    "DEFAULT_BACKLOG_BYTES", "DEFAULT_MAX_CLIENTS", "DEFAULT_MAX_EVENT_SIZE",
+    "DEFAULT_RING_BYTES", "DEFAULT_RING_EVENTS", "DEFAULT_WAIT", "GAP_TAG", "MAX_FRAME_BYTES",
+    "MAX_TAG_BYTES", "SALT", "SALTEVENT_OPTS", "SUB_EVENT", "TAGEND", "TAGPARTER", "TAGS",
     # Exceptions
     "SaltEventError", "EventTimeout", "BusClosedError", "FrameError",
     # Tags
@@ -38,7 +38,7 @@ __all__ = [
     # Broker
     "Broker",
     # Clients
-    "SaltEvent", "MasterEvent", "LocalClientEvent", "MinionEvent", "NamespacedEvent",
+    "Gap", "SaltEvent", "MasterEvent", "LocalClientEvent", "MinionEvent", "NamespacedEvent",
     # Module-level functions
     "get_event", "get_master_event", "fire_args", "main",
 ]
@@ -46,13 +46,14 @@ __all__ = [
 import atexit
 import collections
 import errno
-import itertools
 import json
+import json.scanner
 import os
 import select
 import selectors
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -104,29 +105,67 @@ SUB_EVENT = ("state.highstate", "state.sls")
 
 DEFAULT_WAIT = 5.0                     # seconds, get_event()
 DEFAULT_MAX_EVENT_SIZE = 1 << 20       # bytes of encoded data before trimming (Salt's default)
-DEFAULT_BACKLOG_BYTES = 32 << 20       # bytes queued in the broker for one listener
-MAX_FRAME_BYTES = 16 << 20             # bytes, one frame on the wire
+DEFAULT_BACKLOG_BYTES = 32 << 20       # bytes the broker queues for one listener, at most
+DEFAULT_MAX_CLIENTS = 4096             # connections one broker serves at once
+DEFAULT_RING_EVENTS = 10_000           # recent events a broker keeps for replay
+DEFAULT_RING_BYTES = 16 << 20          # bytes of those, at most
+MAX_FRAME_BYTES = 16 << 20             # bytes, one frame on the wire (header included)
+MAX_TAG_BYTES = 0xFFFF                 # bytes of one tag, UTF-8
+#: The tag of the in-band notice of missed events (opts ``saltevent_gap_events``).
+GAP_TAG = "saltevent/gap"
+
+#: saltevent's own opts keys and their defaults (Salt ignores them).
+SALTEVENT_OPTS = {
+    "saltevent_backlog_bytes": DEFAULT_BACKLOG_BYTES,   # a listener's backlog (<= the broker's)
+    "saltevent_tags": None,              # tag prefixes/globs a listener wants; None: all
+    "saltevent_replay_last": None,       # on connect, first replay the last N events
+    "saltevent_replay_since": None,      # ... or every event after this sequence number
+    "saltevent_replay_epoch": None,      # the epoch that number belongs to (None: current)
+    "saltevent_seq": False,              # add 'seq' and 'epoch' to full=True results
+    "saltevent_gap_events": False,       # return a GAP_TAG event where events were missed
+    "saltevent_ring_events": DEFAULT_RING_EVENTS,      # broker settings, used by the
+    "saltevent_ring_bytes": DEFAULT_RING_BYTES,        # process that becomes the broker
+    "saltevent_max_clients": DEFAULT_MAX_CLIENTS,
+    "saltevent_broker_backlog_bytes": DEFAULT_BACKLOG_BYTES,
+}
 
 _CONNECT_TIMEOUT = 5.0                 # seconds, a constructor's connect_pub()
 _RECONNECT_TIMEOUT = 2.0               # seconds, one transparent reconnect after a hand-off
-_HANDOFF_QUIET = 0.1                   # seconds of silence that end a broker's final drain
-_HANDOFF_TIMEOUT = 1.0                 # seconds, hard limit of a broker's final drain
-_REPLAY_SECONDS = 3.0                  # seconds a new broker keeps events for resuming listeners
+_HANDOFF_QUIET = 0.1                   # seconds of silence that end a hand-off's input drain
+_HANDOFF_TIMEOUT = 1.0                 # seconds, hard limit of that drain
+_HANDOFF_GRACE = 10.0                  # seconds a successor keeps the events it was handed
 _BYE_CHECK_INTERVAL = 0.02             # seconds between a firer's checks for a hand-off
+_PATH_CHECK_INTERVAL = 0.5             # seconds between a broker's checks of its paths
+_ACCEPT_BACKOFF = 0.1                  # seconds without accept() after running out of fds
+_FRAME_STALL = 10.0                    # seconds a client may leave a frame unfinished
+_EVICT_AGE = 1.0                       # seconds before an unfinished frame may be evicted
+_WARN_INTERVAL = 10.0                  # seconds between repeats of one broker warning
 _RECV_BYTES = 256 << 10                # bytes per recv()
+_BIG_FRAME = 64 << 10                  # bytes: a frame this large gets a buffer of its own
 _IOV_MAX = 512                         # buffers per sendmsg()
+_INPUT_BUDGET = 40 << 20               # bytes of unfinished frames held for all clients
+_CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all clients
+_MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
+_MAX_TAG_FILTERS = 256                 # tag filters one listener may declare
+_TOTAL_BACKLOG_FACTOR = 4              # all listeners' queues: this many backlogs at most
+_STATS_LISTENERS = 100                 # listeners detailed in one stats reply, at most
 
 _SOCK_PREFIX = "saltevent-"
 _SOCK_SUFFIX = ".sock"
 _LOCK_SUFFIX = ".lock"
+_STATE_SUFFIX = ".state"
 _SALT_SOCK_DIRS = {"master": "/var/run/salt/master", "minion": "/var/run/salt/minion"}
 _ENV_SOCK_DIR = "SALTEVENT_SOCK_DIR"
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+#: where shutdown(SHUT_RD) makes a peer's later send fail (EPIPE) and keeps what it sent
+_SHUT_RD_REFUSES = sys.platform.startswith("linux")
 
 _DEFAULT_OPTS = {
     "hash_type": "sha256",
     "event_match_type": "startswith",
     "max_event_size": DEFAULT_MAX_EVENT_SIZE,
-    "saltevent_backlog_bytes": DEFAULT_BACKLOG_BYTES,
 }
 
 # -- Exceptions ---------------------------------------------------------------
@@ -139,17 +178,20 @@ class SaltEventError(Exception):
 class EventTimeout(SaltEventError, TimeoutError):
     """No bus could be reached, or an event sent, within the timeout."""
 
-    def __init__(self, path: str, timeout: float | None):
+    def __init__(self, path: str, timeout: float | None, what: str = "no event bus"):
         super().__init__(path, timeout)
         self.path = path
         self.timeout = timeout
+        self.what = what
 
     def __str__(self) -> str:
-        return f"no event bus at {self.path} within {self.timeout} s"
+        if self.timeout is None:
+            return f"{self.what} at {self.path}"
+        return f"{self.what} at {self.path} within {self.timeout:g} s"
 
 
 class BusClosedError(SaltEventError, ConnectionError):
-    """The bus connection is closed or broken."""
+    """The bus connection is closed or broken, or the bus cannot be used."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(path, reason)
@@ -161,146 +203,60 @@ class BusClosedError(SaltEventError, ConnectionError):
 
 
 class FrameError(SaltEventError, ValueError):
-    """A frame on the wire is malformed, oversized or not UTF-8 JSON."""
+    """A frame on the wire is malformed or oversized."""
 
     def __init__(self, reason: str, frame: bytes = b""):
         super().__init__(reason, frame)
         self.reason = reason
-        self.frame = frame
+        self.frame = bytes(frame[:60])
 
     def __str__(self) -> str:
         if self.frame:
-            return f"{self.reason}: {self.frame[:60]!r}"
+            return f"{self.reason}: {self.frame!r}"
         return self.reason
 
 
 # -- Framing ------------------------------------------------------------------
+#
+# Every byte that arrives on a socket goes through _FrameReader; every frame sent is
+# made by _encode_event, _encode_control or _SEQ_MARK.
+
+_HDR = struct.Struct("!BBHI")          # kind, flags (0), tag length, body length
+_HDR_SIZE = _HDR.size
+_SEQ_MARK = struct.Struct("!BBHIQ")    # an S frame whole: header and the u64
+_SEQ = struct.Struct("!Q")
+_EVENT = 0x45                          # b"E"
+_CONTROL = 0x43                        # b"C"
+_MARK = 0x53                           # b"S"
+_LBRACE = 0x7B
+_RBRACE = 0x7D
+
 
 def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-_json_str = json.encoder.encode_basestring          # str -> JSON string, non-ASCII kept
 _c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
 if _c_make_encoder is not None:
-    # One reusable C encoder, without the circular-reference markers that cost a
-    # fresh encoder per call; recursion is caught where events are encoded.
-    _c_encode = _c_make_encoder(None, _json_default, _json_str, None, ":", ",",
-                                False, False, True)
+    # Reusable C encoders, without the circular-reference markers that cost a fresh
+    # encoder per call; recursion is caught where events are encoded.
+    _c_encode = _c_make_encoder(None, _json_default, json.encoder.encode_basestring,
+                                None, ":", ",", False, False, True)
+    _c_encode_ascii = _c_make_encoder(None, _json_default,
+                                      json.encoder.encode_basestring_ascii,
+                                      None, ":", ",", False, False, True)
 
     def _json_encode(obj: Any) -> str:
         return "".join(_c_encode(obj, 0))
+
+    def _json_encode_ascii(obj: Any) -> str:
+        return "".join(_c_encode_ascii(obj, 0))
 else:  # pragma: no cover - interpreters without the C accelerator
     _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
                                     check_circular=False).encode
-_json_decode = json.JSONDecoder().decode
+    _json_encode_ascii = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
-
-def _encode(obj: dict) -> bytes:
-    """Return one frame: *obj* as compact UTF-8 JSON and a newline."""
-    return (_json_encode(obj) + "\n").encode()
-
-
-def _decode(block: bytes) -> list:
-    """Return the objects of *block*, complete newline-terminated frames.
-
-    Raises FrameError naming the first bad frame.  All frames are decoded with one
-    ``json`` call; only a failure falls back to decoding frame by frame.
-    """
-    try:
-        text = block.decode()
-        objs = _json_decode("[" + text[:-1].replace("\n", ",") + "]")
-        if len(objs) == block.count(b"\n"):
-            return objs
-    except ValueError:
-        pass
-    return [_decode_one(line) for line in block.split(b"\n")[:-1]]
-
-
-def _decode_one(line: bytes) -> Any:
-    try:
-        return _json_decode(line.decode())
-    except UnicodeDecodeError:
-        raise FrameError("frame is not valid UTF-8", line) from None
-    except ValueError:
-        raise FrameError("frame is not a JSON object", line) from None
-
-
-def _decode_lenient(block: bytes) -> list:
-    """Like _decode(), but skip and log bad frames instead of raising."""
-    try:
-        return _decode(block)
-    except FrameError:
-        pass
-    objs = []
-    for line in block.split(b"\n")[:-1]:
-        try:
-            objs.append(_decode_one(line))
-        except FrameError as exc:
-            log.warning("skipping undecodable frame: %s", exc)
-    return objs
-
-
-class _FrameBuffer:
-    """Cut a byte stream into blocks of whole frames."""
-
-    __slots__ = ("_partial", "max_frame")
-
-    def __init__(self, max_frame: int = MAX_FRAME_BYTES):
-        self._partial = b""
-        self.max_frame = max_frame
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Return the whole frames completed by *chunk* (possibly ``b""``).
-
-        Raises FrameError when a frame grows past ``max_frame``; whole frames in one
-        chunk are bounded by the chunk, so only the frames at its edges are measured.
-        """
-        end = chunk.rfind(b"\n") + 1
-        if end == 0:
-            self._partial += chunk
-            if len(self._partial) > self.max_frame:
-                self._oversize(len(self._partial))
-            return b""
-        if self._partial:
-            first = len(self._partial) + chunk.find(b"\n") + 1
-            if first > self.max_frame:
-                self._oversize(first)
-            block, self._partial = self._partial + chunk[:end], chunk[end:]
-        else:
-            block, self._partial = chunk[:end], chunk[end:]
-        if len(self._partial) > self.max_frame:
-            self._oversize(len(self._partial))
-        return block
-
-    def _oversize(self, size: int) -> None:
-        self._partial = b""
-        raise FrameError(f"frame exceeds {self.max_frame} bytes ({size} bytes)")
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished frame."""
-        return len(self._partial)
-
-
-def _is_event(obj: Any) -> bool:
-    return (obj.__class__ is dict and len(obj) == 2 and obj.get("tag").__class__ is str
-            and obj.get("data").__class__ is dict)
-
-
-_stamp_second = (-1, "")   # (second, its formatted prefix), replaced as a whole
-
-
-def _stamp() -> str:
-    """Return the time now as Salt stamps events: naive UTC ``datetime.isoformat()``."""
-    global _stamp_second
-    second, nanos = divmod(time.time_ns(), 1_000_000_000)
-    cached = _stamp_second
-    if cached[0] != second:
-        cached = _stamp_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S",
-                                                        time.gmtime(second)))
-    micros = nanos // 1000
-    return f"{cached[1]}.{micros:06d}" if micros else cached[1]
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())
 
 
 def _json_path_error(data: Any, path: str = "") -> str | None:
@@ -324,16 +280,197 @@ def _json_path_error(data: Any, path: str = "") -> str | None:
     return f"{path} (type {type(data).__name__})"
 
 
-def _encode_event(tag: str, data: Any) -> bytes:
-    """Return the frame of one event; TypeError names a value JSON cannot carry."""
+def _encode_body(data: Any) -> bytes:
+    """Return *data* as UTF-8 JSON; TypeError names a value JSON cannot carry.
+
+    Text that UTF-8 cannot hold (lone surrogates, as ``os.fsdecode`` makes) travels as
+    ``\\udXXX`` escapes, so the listener gets back the same string.
+    """
     try:
-        return ('{"tag":' + _json_str(tag) + ',"data":' + _json_encode(data) + "}\n").encode()
+        text = _json_encode(data)
     except TypeError:
         where = _json_path_error(data) or ""
         raise TypeError(f"event data{where} is not JSON serializable "
                         "(events carry dicts, lists, str, numbers, bool and None)") from None
+    except (RecursionError, ValueError) as exc:
+        raise ValueError(f"event data cannot be encoded: {exc}") from None
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _json_encode_ascii(data).encode()
+
+
+def _encode_tag(tag: str) -> bytes:
+    try:
+        raw = tag.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"tag {tag!r} is not valid text: {exc.reason} at index "
+                         f"{exc.start}") from None
+    if len(raw) > MAX_TAG_BYTES:
+        raise ValueError(f"tag of {len(raw)} bytes; a tag has at most {MAX_TAG_BYTES}")
+    return raw
+
+
+def _encode_event(tag: str, data: Any) -> bytes:
+    """Return the E frame of one event."""
+    raw_tag = _encode_tag(tag)
+    body = _encode_body(data)
+    return _HDR.pack(_EVENT, 0, len(raw_tag), len(body)) + raw_tag + body
+
+
+def _encode_control(msg: dict) -> bytes:
+    """Return the C frame of *msg*."""
+    body = _json_encode_ascii(msg).encode()
+    return _HDR.pack(_CONTROL, 0, 0, len(body)) + body
+
+
+def _decode_data(body: Any) -> dict:
+    """Return an event's data from its body bytes; FrameError if it is not a JSON object."""
+    try:
+        text = str(body, "utf-8")
+        obj, end = _scan_once(text, 0)
+    except UnicodeDecodeError:
+        raise FrameError("frame body is not valid UTF-8", body) from None
+    except (ValueError, StopIteration):
+        raise FrameError("frame body is not JSON", body) from None
     except RecursionError:
-        raise ValueError("event data contains a circular reference") from None
+        raise FrameError("frame body is nested too deeply", body) from None
+    if end != len(text) or obj.__class__ is not dict:
+        raise FrameError("frame body is not one JSON object", body)
+    return obj
+
+
+def _decode_control(body: Any) -> dict:
+    """Return a control frame's message; FrameError unless it is ``{"ctl": str, ...}``."""
+    obj = _decode_data(body)
+    if obj.get("ctl").__class__ is not str:
+        raise FrameError("control frame without a 'ctl' name", body)
+    return obj
+
+
+class _FrameReader:
+    """Cut a byte stream into frames: the one door every received byte goes through.
+
+    ``read(sock, limit)`` receives once and returns the frames it completed, each
+    ``(kind, tag, data, start, body, end)``: the frame is ``data[start:end]``, its body
+    ``data[body:end]``, and *tag* the decoded tag of an event (None otherwise).  A
+    frame larger than ``_BIG_FRAME`` is completed in a buffer of its own size, so it is
+    never copied; ``need`` is that size while the buffer is still to be made (the
+    broker makes it with ``alloc()`` when its budget allows; clients at once).
+    Raises FrameError for anything that is not a well-formed frame.
+    """
+
+    __slots__ = ("buf", "got", "head", "need", "max_frame", "eof", "since")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES):
+        self.buf = None            # bytearray of a big frame being filled
+        self.got = 0               # bytes of it received
+        self.head = b""            # the start of a frame not yet in a buffer of its own
+        self.need = 0              # size of the buffer that head waits for, if any
+        self.max_frame = max_frame
+        self.eof = False
+        self.since = 0.0           # monotonic time the unfinished frame last grew
+
+    @property
+    def held(self) -> int:
+        """Bytes held for an unfinished frame."""
+        return len(self.buf) if self.buf is not None else len(self.head)
+
+    def read(self, sock: socket.socket, limit: int = _RECV_BYTES) -> list:
+        """Receive at most *limit* bytes once; return the frames completed."""
+        buf = self.buf
+        if buf is not None:
+            n = sock.recv_into(memoryview(buf)[self.got:], min(limit, len(buf) - self.got))
+            if not n:
+                self.eof = True
+                return []
+            self.got += n
+            self.since = time.monotonic()
+            if self.got < len(buf):
+                return []
+            self.buf = None
+            self.got = 0
+            return self._parse(buf)
+        chunk = sock.recv(limit)
+        if not chunk:
+            self.eof = True
+            return []
+        if self.head:
+            chunk = self.head + chunk
+        return self._parse(chunk)
+
+    def alloc(self) -> None:
+        """Move the unfinished big frame into a buffer of its own size."""
+        head, size = self.head, self.need
+        buf = bytearray(size)
+        buf[:len(head)] = head
+        self.buf, self.got, self.head, self.need = buf, len(head), b"", 0
+
+    def _parse(self, data: Any) -> list:
+        frames = []
+        size = len(data)
+        off = 0
+        unpack = _HDR.unpack_from
+        while size - off >= _HDR_SIZE:
+            kind, flags, taglen, bodylen = unpack(data, off)
+            body = off + _HDR_SIZE + taglen
+            end = body + bodylen
+            if kind == _EVENT:
+                if end - off > self.max_frame:
+                    raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
+                                     f"{self.max_frame}")
+                if not taglen or bodylen < 2 or flags:
+                    raise FrameError("malformed event frame header", data[off:off + 16])
+                if end > size:
+                    break
+                if data[body] != _LBRACE or data[end - 1] != _RBRACE:
+                    raise FrameError("event data is not a JSON object", data[body:body + 40])
+                try:
+                    tag = data[off + _HDR_SIZE:body].decode()
+                except UnicodeDecodeError:
+                    raise FrameError("event tag is not valid UTF-8",
+                                     data[off + _HDR_SIZE:body]) from None
+            elif kind == _CONTROL or kind == _MARK:
+                if taglen or flags or bodylen > _MAX_CONTROL_BYTES or (
+                        kind == _MARK and bodylen != _SEQ.size):
+                    raise FrameError("malformed control frame header", data[off:off + 16])
+                if end > size:
+                    break
+                tag = None
+            else:
+                raise FrameError(f"not a saltevent frame (kind byte 0x{kind:02x}; an older "
+                                 "or newer saltevent, or not saltevent at all)",
+                                 data[off:off + 16])
+            frames.append((kind, tag, data, off, body, end))
+            off = end
+        if off == size:
+            self.head = b""
+            self.need = 0
+        else:
+            self.head = data[off:]
+            self.since = time.monotonic()
+            self.need = 0
+            if size - off >= _HDR_SIZE:
+                total = end - off
+                if total > _BIG_FRAME:
+                    self.need = total
+        return frames
+
+
+_stamp_second = (-1, "")   # (second, its formatted prefix), replaced as a whole
+
+
+def _stamp() -> str:
+    """Return the time now as Salt 3008 stamps events:
+    ``datetime.now(timezone.utc).isoformat()``."""
+    global _stamp_second
+    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    cached = _stamp_second
+    if cached[0] != second:
+        cached = _stamp_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                        time.gmtime(second)))
+    micros = nanos // 1000
+    return f"{cached[1]}.{micros:06d}+00:00" if micros else f"{cached[1]}+00:00"
 
 
 def _trim(data: dict, max_size: int) -> list:
@@ -347,11 +484,11 @@ def _trim(data: dict, max_size: int) -> list:
     while percent > 0:
         limit = max_size * percent / 100
         for key, value in data.items():
-            if value != "VALUE_TRIMMED" and len(_json_encode(value).encode()) > limit:
+            if value != "VALUE_TRIMMED" and len(_encode_body(value)) > limit:
                 data[key] = "VALUE_TRIMMED"
                 trimmed.append(key)
         percent -= 10
-        if len(_json_encode(data).encode()) < max_size:
+        if len(_encode_body(data)) < max_size:
             break
     return trimmed
 
@@ -419,11 +556,89 @@ def tagify(suffix: Any = "", prefix: str = "", base: str = SALT) -> str:
     return TAGPARTER.join(part for part in strs if part)
 
 
+_GLOB_CHARS = "*?["
+
+
+def _tag_filter(pattern: str) -> tuple:
+    """Return ``(literal prefix, compiled glob or None)`` of one declared tag filter.
+
+    A pattern with ``*``, ``?`` or ``[`` is a glob on the whole tag (fnmatch, case
+    sensitive); any other pattern is a prefix.
+    """
+    cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
+    if cut < 0:
+        return pattern, None
+    import fnmatch
+    import re
+    return pattern[:cut], re.compile(fnmatch.translate(pattern))
+
+
+def _literal_prefix(pattern: str) -> str:
+    """Return the part of a glob-or-regex *pattern* before its first special character."""
+    for index, char in enumerate(pattern):
+        if char in "*?[]\\.^$+{}()|":
+            return pattern[:index]
+    return pattern
+
+
+class _TagIndex:
+    """Which filtered listeners want a tag: prefixes indexed by length, globs by their
+    literal prefix, answers cached per tag.  Used on the broker thread only."""
+
+    __slots__ = ("_by_len", "_lengths", "_cache")
+
+    def __init__(self):
+        self._by_len: dict = {}        # length -> {prefix: [(peer, glob or None), ...]}
+        self._lengths: list = []
+        self._cache: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._lengths)
+
+    def add(self, peer: Any, filters: list) -> None:
+        for prefix, glob in filters:
+            self._by_len.setdefault(len(prefix), {}).setdefault(prefix, []).append((peer, glob))
+        self._lengths = sorted(self._by_len)
+        self._cache.clear()
+
+    def remove(self, peer: Any, filters: list) -> None:
+        for prefix, _glob in filters:
+            table = self._by_len.get(len(prefix), {})
+            entries = [item for item in table.get(prefix, ()) if item[0] is not peer]
+            if entries:
+                table[prefix] = entries
+            else:
+                table.pop(prefix, None)
+                if not table:
+                    self._by_len.pop(len(prefix), None)
+        self._lengths = sorted(self._by_len)
+        self._cache.clear()
+
+    def match(self, tag: str) -> tuple:
+        """Return the peers whose filters match *tag*."""
+        hit = self._cache.get(tag)
+        if hit is not None:
+            return hit
+        found = []
+        by_len = self._by_len
+        for length in self._lengths:
+            if length > len(tag):
+                break
+            for peer, glob in by_len[length].get(tag[:length], ()):
+                if (glob is None or glob.match(tag)) and peer not in found:
+                    found.append(peer)
+        hit = tuple(found)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[tag] = hit
+        return hit
+
+
 # -- Socket helpers: paths, peers, election -----------------------------------
 
 
 class _Bus(tuple):
-    """Where one bus lives: (path, lock_path, name)."""
+    """Where one bus lives: (path, lock_path, name); the state file sits beside them."""
 
     __slots__ = ()
 
@@ -435,6 +650,12 @@ class _Bus(tuple):
     path = property(lambda self: self[0])
     lock_path = property(lambda self: self[1])
     name = property(lambda self: self[2])
+    state_path = property(lambda self: self[1][:-len(_LOCK_SUFFIX)] + _STATE_SUFFIX)
+
+
+def _sun_path_max() -> int:
+    """Bytes a socket path may have: ``sun_path`` less its NUL (108 on Linux, 104 elsewhere)."""
+    return 107 if sys.platform.startswith("linux") else 103
 
 
 def _bus_name(node: str, opts: Mapping) -> str:
@@ -457,7 +678,7 @@ def _private_sock_dir() -> str:
     if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
         return os.path.join(runtime, "saltevent")
     import tempfile
-    return os.path.join(tempfile.gettempdir(), f"saltevent-{os.getuid()}")
+    return os.path.join(tempfile.gettempdir(), f"saltevent-{os.geteuid()}")
 
 
 def _resolve_sock_dir(sock_dir: str | None, node: str) -> str:
@@ -477,31 +698,50 @@ def _resolve_sock_dir(sock_dir: str | None, node: str) -> str:
     return private
 
 
+_WAY_OUT = ("; choose a directory only you can write to, with sock_dir= (opts['sock_dir'], "
+            "--sock-dir) or $SALTEVENT_SOCK_DIR")
+
+
 def _ensure_sock_dir(sock_dir: str) -> None:
-    """Create *sock_dir* 0700 when missing; refuse a directory another user owns."""
+    """Create *sock_dir* 0700 when missing; refuse one another user could tamper with.
+
+    The directory (after a symlink owned by us or root) must be ours or root's, and
+    not writable by others unless it is sticky (like /tmp): in a sticky directory
+    nobody can remove or replace our files, and the files themselves are checked.
+    """
     if not hasattr(socket, "AF_UNIX") or fcntl is None:
         raise OSError(errno.ENOSYS, "saltevent needs AF_UNIX sockets and fcntl.flock "
                                     "(Linux, macOS, the BSDs)")
+    me = os.geteuid()
     try:
         os.makedirs(sock_dir, mode=0o700, exist_ok=True)
+        link = os.lstat(sock_dir)
+        info = os.stat(sock_dir)
     except OSError as exc:
-        raise BusClosedError(sock_dir, f"cannot create sock_dir: {exc.strerror}") from exc
-    info = os.stat(sock_dir)
+        raise BusClosedError(sock_dir, f"cannot use sock_dir: {exc.strerror}") from exc
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+        raise BusClosedError(sock_dir, f"sock_dir is a symbolic link owned by uid "
+                                       f"{link.st_uid}, not by you (uid {me}): another user "
+                                       f"could redirect your events{_WAY_OUT}")
     if not stat.S_ISDIR(info.st_mode):
         raise BusClosedError(sock_dir, "sock_dir is not a directory")
-    if info.st_uid not in (os.getuid(), 0):
-        raise BusClosedError(sock_dir, f"sock_dir is owned by uid {info.st_uid}, not by us")
+    if info.st_uid not in (me, 0):
+        raise BusClosedError(sock_dir, f"sock_dir is owned by uid {info.st_uid}, not by you "
+                                       f"(uid {me}): its owner could intercept your "
+                                       f"events{_WAY_OUT}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise BusClosedError(sock_dir, f"sock_dir is writable by other users (mode "
+                                       f"{stat.S_IMODE(info.st_mode):o}) and not sticky: they "
+                                       f"could replace the bus; chmod go-w it{_WAY_OUT}")
 
 
-def _peer_creds(sock: socket.socket) -> tuple:
-    """Return (pid, uid) of the peer; pid is 0 where the platform does not tell it."""
+def _peer_uid(sock: socket.socket) -> int:
+    """Return the uid of the process at the other end of a unix socket."""
     if hasattr(socket, "SO_PEERCRED"):
-        import struct
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", raw)
-        return pid, uid
+        return struct.unpack("3i", raw)[1]
     if hasattr(os, "getpeereid"):  # not in the stdlib today; kept for platforms that add it
-        return 0, os.getpeereid(sock.fileno())[0]
+        return os.getpeereid(sock.fileno())[0]
     if sys.platform == "darwin" or "bsd" in sys.platform:
         import ctypes
         import ctypes.util
@@ -509,16 +749,52 @@ def _peer_creds(sock: socket.socket) -> tuple:
         uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
         if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
             raise OSError(ctypes.get_errno(), "getpeereid failed")
-        return 0, uid.value
+        return uid.value
     raise OSError(errno.ENOSYS, "cannot tell a unix socket peer's uid on this platform")
 
 
-def _connect(path: str) -> socket.socket:
-    """Return a non-blocking socket connected to *path*; OSError if nobody serves it."""
+def _peer_pid(sock: socket.socket) -> int:
+    """Return the peer's pid, or 0 where the platform does not tell it."""
+    if hasattr(socket, "SO_PEERCRED"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)[0]
+    return 0
+
+
+def _trusted(uid: int) -> bool:
+    """True for our own uid and root's: the only peers a bus talks to."""
+    return uid == os.geteuid() or uid == 0
+
+
+_BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOENT, errno.ECONNREFUSED)
+
+
+def _connect(path: str) -> socket.socket | None:
+    """Return a non-blocking socket connected to a broker of ours at *path*.
+
+    None if nobody serves the path or its listen queue is full (try again); a
+    socket served by another user raises BusClosedError, never to be used.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
         sock.setblocking(False)
+        err = sock.connect_ex(path)
+        if err in _BUSY:
+            sock.close()
+            return None
+        if err == errno.EINPROGRESS:            # BSDs: finish the connect in a blink
+            _wait_fd(sock, True, 0.1)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err in _BUSY or err == errno.EINPROGRESS:
+                sock.close()
+                return None
+        if err:
+            raise OSError(err, os.strerror(err), path)
+        uid = _peer_uid(sock)
+        if not _trusted(uid):
+            raise BusClosedError(path, f"served by uid {uid}, not by you (uid "
+                                       f"{os.geteuid()}): refusing to send or trust a byte"
+                                       f"{_WAY_OUT}")
     except BaseException:
         sock.close()
         raise
@@ -540,119 +816,448 @@ def _wait_fd(sock: socket.socket, write: bool, timeout: float | None) -> bool:
     return bool(poller.poll(ms))
 
 
+def _open_private(path: str, flags: int, what: str) -> int:
+    """Open a file of ours in sock_dir without following links; check owner, type, links."""
+    try:
+        fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BusClosedError(path, f"the {what} is a symbolic link; refusing to follow "
+                                       f"it (remove it){_WAY_OUT}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise BusClosedError(path, f"cannot open the {what}: {exc.strerror}; the "
+                                       f"sock_dir belongs to someone else or is read-only"
+                                       f"{_WAY_OUT}") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BusClosedError(path, f"the {what} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise BusClosedError(path, f"the {what} is owned by uid {info.st_uid}, not by you "
+                                       f"(uid {os.geteuid()}){_WAY_OUT}")
+        if info.st_nlink != 1:
+            raise BusClosedError(path, f"the {what} has {info.st_nlink} hard links; "
+                                       "refusing a file that may be someone else's")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def _elect(bus: _Bus) -> tuple | None:
+def _remove_stale_socket(path: str) -> None:
+    """Unlink what a dead broker left at *path*; only the lock holder calls this."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise BusClosedError(path, "a directory is in the way of the bus socket")
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        raise BusClosedError(path, f"cannot replace the stale file at the socket path "
+                                   f"(owned by uid {info.st_uid}): {exc.strerror}"
+                                   f"{_WAY_OUT}") from None
+    log.debug("removed stale socket %s", path)
+
+
+class _Election(tuple):
+    """What winning a bus's election gives: (listening socket, lock fd, its path's identity,
+    the predecessor's hand-off state or None)."""
+
+    __slots__ = ()
+    sock = property(lambda self: self[0])
+    lock_fd = property(lambda self: self[1])
+    ident = property(lambda self: self[2])
+    state = property(lambda self: self[3])
+
+
+def _ident(path: str) -> tuple | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _elect(bus: _Bus) -> _Election | None:
     """Take *bus*'s election lock and bind its socket; None if another process holds it.
 
-    Returns (listening socket, lock fd, successor): *successor* is True when an
-    earlier broker ran (each broker writes its pid into the lock file).
+    Race: processes that find no broker compete for ``flock(lock_path)``; the winner
+    removes a stale socket file, binds, and keeps the lock for the broker's life; the
+    losers retry their connect until it listens.  Only the lock holder unlinks the
+    socket path, so a live broker's socket is never removed by another process.
     """
     if fcntl is None:
         raise OSError(errno.ENOSYS, "saltevent needs fcntl.flock (a POSIX system)")
-    lock_fd = os.open(bus.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    lock_fd = _open_private(bus.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
+    sock = None
+    bound = None
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
             return None
+        os.ftruncate(lock_fd, 0)
+        os.write(lock_fd, f"{os.getpid()}\n".encode())
+        _remove_stale_socket(bus.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            successor = os.fstat(lock_fd).st_size > 0
-            os.ftruncate(lock_fd, 0)
-            os.write(lock_fd, f"{os.getpid()}\n".encode())
-            try:
-                os.unlink(bus.path)
-                log.debug("removed stale socket %s", bus.path)
-            except FileNotFoundError:
-                pass
-            sock.bind(bus.path)
-            os.chmod(bus.path, 0o600)
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        sock.bind(bus.path)
+        bound = _ident(bus.path)
+        os.chmod(bus.path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+        state = _load_state(bus)
     except BaseException:
+        if sock is not None:
+            sock.close()
+        if bound is not None and _ident(bus.path) == bound:
+            os.unlink(bus.path)
         try:
             os.close(lock_fd)
         except OSError:
             pass
         raise
     log.debug("elected broker of %s (pid %d)", bus.path, os.getpid())
-    return sock, lock_fd, successor
+    return _Election((sock, lock_fd, bound, state))
+
+
+def _load_state(bus: _Bus) -> dict | None:
+    """Read and remove the hand-off state a clean predecessor left; None if there is none.
+
+    The file is ours (checked) but is parsed like any input: anything malformed is
+    discarded with a warning, and the bus starts a new epoch.
+    """
+    try:
+        fd = _open_private(bus.state_path, os.O_RDONLY, "hand-off state file")
+    except FileNotFoundError:
+        return None
+    except BusClosedError as exc:
+        log.warning("ignoring the hand-off state: %s", exc)
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        limit = (_TOTAL_BACKLOG_FACTOR + 1) * DEFAULT_BACKLOG_BYTES + DEFAULT_RING_BYTES
+        if size > limit:
+            raise FrameError(f"{size} bytes is more than a state file can hold")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.unlink(bus.state_path)
+        return _parse_state(b"".join(chunks))
+    except (OSError, FrameError) as exc:
+        log.warning("ignoring the hand-off state %s: %s", bus.state_path, exc)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _parse_state(raw: bytes) -> dict:
+    """Return ``{"epoch", "seq", "runs": [(first, last, payload)], "lids", "drops"}``."""
+    reader = _FrameReader(MAX_FRAME_BYTES)
+    frames = reader._parse(raw)
+    if reader.head or not frames or frames[0][0] != _CONTROL:
+        raise FrameError("truncated hand-off state")
+    _kind, _tag, data, _start, body, end = frames[0]
+    head = _decode_control(data[body:end])
+    epoch, seq = head.get("epoch"), head.get("seq")
+    lids, drops = head.get("lids", []), head.get("drops", {})
+    if not (isinstance(epoch, str) and 0 < len(epoch) <= 64 and seq.__class__ is int
+            and seq >= 0 and isinstance(lids, list) and isinstance(drops, dict)):
+        raise FrameError("malformed hand-off state header")
+    runs = []
+    next_seq = last = None
+    run = None                       # [first, start, end] of the current run
+    for kind, _tag, _data, start, body, end in frames[1:]:
+        if kind == _MARK:
+            mark = _SEQ.unpack_from(raw, body)[0]
+            if last is not None and mark <= last:
+                raise FrameError("hand-off state events out of order")
+            if run:
+                runs.append((run[0], last, raw[run[1]:run[2]]))
+                run = None
+            next_seq = mark
+        elif kind == _EVENT:
+            if next_seq is None or next_seq > seq:
+                raise FrameError("hand-off state event without a valid sequence number")
+            if run is None:
+                run = [next_seq, start, end]
+            else:
+                run[2] = end
+            last = next_seq
+            next_seq += 1
+        else:
+            raise FrameError("unexpected control frame in hand-off state")
+    if run:
+        runs.append((run[0], last, raw[run[1]:run[2]]))
+    good_drops = {}
+    for lid, drop in drops.items():
+        if (isinstance(drop, list) and len(drop) == 3
+                and all(item.__class__ is int and item >= 0 for item in drop)):
+            good_drops[lid] = drop
+    return {"epoch": epoch, "seq": seq, "runs": runs, "drops": good_drops,
+            "lids": {lid for lid in lids[:DEFAULT_MAX_CLIENTS] if isinstance(lid, str)}}
+
+
+def _write_state(bus: _Bus, head: dict, runs: list) -> None:
+    """Leave the bus's numbering and recent events for the next broker (we hold the lock).
+
+    *runs* are ``(first seq, payload)``: event frames with consecutive numbers, in order.
+    """
+    tmp = bus.state_path + ".tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "hand-off state file")
+    try:
+        parts = [_encode_control(head)]
+        for first, payload in runs:
+            parts.append(_SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, first))
+            parts.append(payload)
+        with os.fdopen(os.dup(fd), "wb") as out:
+            out.writelines(parts)
+        os.rename(tmp, bus.state_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
 
 
 # -- Broker -------------------------------------------------------------------
 
 
+class _Block:
+    """Bytes queued for listeners: events (a sequence mark and their frames, shared by
+    every listener that gets them all) or one control frame (``count == 0``)."""
+
+    __slots__ = ("bufs", "size", "count", "first", "last", "refs", "msg")
+
+    def __init__(self, bufs: tuple, size: int, count: int = 0, first: int = 0,
+                 last: int = 0, msg: Any = None):
+        self.bufs = bufs
+        self.size = size
+        self.count = count         # events in it
+        self.first = first         # their sequence numbers, first and last
+        self.last = last
+        self.refs = 0              # queues and the ring that hold it
+        self.msg = msg             # a control block's message, when it may change
+
+
+def _control_block(msg: dict) -> _Block:
+    frame = _encode_control(msg)
+    return _Block((frame,), len(frame), msg=msg)
+
+
+def _event_runs(payload: Any, first: int) -> list:
+    """Return ``(seq, tag, start, end)`` of each event frame in *payload*, numbering them
+    from *first* and following the sequence marks among them."""
+    out = []
+    seq = first
+    for kind, tag, _data, start, body, end in _FrameReader()._parse(payload):
+        if kind == _MARK:
+            seq = _SEQ.unpack_from(payload, body)[0]
+        elif kind == _EVENT:
+            out.append((seq, tag, start, end))
+            seq += 1
+    return out
+
+
+def _sub_block(payload: Any, items: list) -> _Block:
+    """Return a block of the event frames *items* (``(seq, tag, start, end)``) of *payload*,
+    with a sequence mark before each run of consecutive numbers."""
+    parts = []
+    expect = None
+    for seq, _tag, start, end in items:
+        if seq != expect:
+            parts.append(_SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, seq))
+        parts.append(payload[start:end])
+        expect = seq + 1
+    buf = b"".join(parts)
+    return _Block((buf,), len(buf), len(items), items[0][0], items[-1][0])
+
+
 class _Peer:
     """One connection as the broker sees it.  Used on the broker thread only."""
 
-    __slots__ = ("sock", "fd", "pid", "frames", "listener", "out", "out_bytes", "backlog",
-                 "notice", "dropped", "events_in", "events_out", "bytes_in", "bytes_out",
-                 "writing", "done", "last_in", "warn_after")
+    __slots__ = ("sock", "pid", "reader", "alive", "listener", "filters", "lid", "out",
+                 "out_bytes", "head_off", "backlog", "notice", "stats_pending", "ctl_bytes",
+                 "mask", "paused", "dropped", "events_in", "events_out", "bytes_in",
+                 "bytes_out", "warn_after")
 
     def __init__(self, sock: socket.socket, pid: int):
         self.sock = sock
-        self.fd = sock.fileno()
         self.pid = pid
-        self.frames = _FrameBuffer()
+        self.reader = _FrameReader()
+        self.alive = True
         self.listener = False
-        self.out = collections.deque()   # [buffer, frames]; the head may be partly sent
-        self.out_bytes = 0               # bytes queued, not counting a drop notice
+        self.filters = None          # [(prefix, glob)] a filtered listener declared
+        self.lid = None              # the id a listener resumes under
+        self.out = collections.deque()   # _Blocks to send; the head may be partly sent
+        self.out_bytes = 0           # bytes of event blocks queued
+        self.head_off = 0            # bytes of out[0] already sent
         self.backlog = DEFAULT_BACKLOG_BYTES
-        self.notice = None               # [buffer, 0, count] of the pending drop notice
+        self.notice = None           # the drop notice still queued, if any
+        self.stats_pending = None    # the stats reply still queued, if any
+        self.ctl_bytes = 0           # bytes of control frames queued
+        self.mask = 0                # selector events registered
+        self.paused = False          # not read until the input budget allows
         self.dropped = 0
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
-        self.writing = False
-        self.done = False                # sent EOF during a hand-off
-        self.last_in = 0.0
-        self.warn_after = 0.0            # monotonic time before which drops are not logged
+        self.warn_after = 0.0        # monotonic time before which drops are not logged
+
+
+class _Ring:
+    """The broker's recent events, oldest first, for listeners that ask for a replay.
+
+    Bounded in events and bytes; what a predecessor handed over is kept in full until
+    ``grace_until``, so that listeners resuming after the hand-off find it.
+    """
+
+    __slots__ = ("blocks", "events", "bytes", "max_events", "max_bytes", "extra_events",
+                 "extra_bytes", "grace_until")
+
+    def __init__(self, max_events: int, max_bytes: int):
+        self.blocks = collections.deque()
+        self.events = self.bytes = 0
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.extra_events = self.extra_bytes = 0
+        self.grace_until = 0.0
+
+    @property
+    def first(self) -> int:
+        return self.blocks[0].first if self.blocks else 0
+
+    @property
+    def last(self) -> int:
+        return self.blocks[-1].last if self.blocks else 0
+
+    def add(self, blk: _Block, release: Callable) -> None:
+        """Keep *blk*; let go of the oldest blocks past the bounds (``release`` each)."""
+        self.blocks.append(blk)
+        blk.refs += 1
+        self.events += blk.count
+        self.bytes += blk.size
+        self.shrink(release)
+
+    def shrink(self, release: Callable) -> None:
+        max_events = self.max_events + self.extra_events
+        max_bytes = self.max_bytes + self.extra_bytes
+        blocks = self.blocks
+        while (self.events > max_events or self.bytes > max_bytes) and len(blocks) > 1:
+            old = blocks.popleft()
+            self.events -= old.count
+            self.bytes -= old.size
+            release(old)
+
+    def end_grace(self, release: Callable) -> None:
+        self.extra_events = self.extra_bytes = 0
+        self.grace_until = 0.0
+        self.shrink(release)
 
 
 class Broker:
-    """Relay every event frame from any client to every listener of one bus.
+    """Relay every event from any client to every listener that wants it, on one bus.
 
     The broker owns the listening socket and the election lock.  ``start()`` runs
-    ``_serve()`` on a daemon thread named ``saltevent-broker``; ``serve_forever()``
-    runs it on the calling thread.  ``close()`` hands off: it gives up the lock and
-    the socket so another process can take over, tells every client ``bye``,
-    delivers what it still holds, then closes.  A *successor* of an earlier broker
-    keeps what it receives in its first ``_REPLAY_SECONDS`` for listeners that
-    resume after the hand-off.  Methods marked so run on the broker
-    thread; the others may be called from any thread.
+    ``serve_forever()`` on a daemon thread named ``saltevent-broker``.  It numbers
+    events (``seq``, within an ``epoch``), keeps the recent ones in a ring for
+    replays, queues each listener's events within its backlog (dropping the oldest
+    past it, and saying so), and filters by the tags a listener declared.  ``close()``
+    hands off: no newcomers, every client told ``bye``, what firers already sent taken
+    in, then the numbering, the ring and every listener's unsent events written to the
+    bus's state file for the next broker, the lock released, everything closed.
+
+    Everything a client can make it hold is bounded: unfinished frames (all clients
+    together: ``_INPUT_BUDGET``), control replies (``_CONTROL_BUDGET``), listener queues
+    (each its backlog; all together ``_TOTAL_BACKLOG_FACTOR`` backlogs), clients
+    (``max_clients``).  A client past a bound is dropped, or paused, never let grow.
+    Methods marked so run on the broker thread; the others may be called from any.
     """
 
-    def __init__(self, bus: _Bus, sock: socket.socket, lock_fd: int, successor: bool = False):
+    def __init__(self, bus: _Bus, election: _Election, opts: Mapping | None = None):
+        settings = dict(SALTEVENT_OPTS)
+        settings.update({key: value for key, value in (opts or {}).items()
+                         if key in SALTEVENT_OPTS and value is not None})
         self.bus = bus
-        self._listen_sock = sock
-        self._lock_fd = lock_fd
+        self.backlog = _positive_int(settings, "saltevent_broker_backlog_bytes")
+        self.max_clients = _positive_int(settings, "saltevent_max_clients")
+        self._listen_sock = election.sock
+        self._lock_fd = election.lock_fd
+        self._ident = election.ident
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._peers: dict = {}
-        self._listeners: dict = {}
+        self._peers: dict = {}                 # every connection
+        self._plain: dict = {}                 # listeners that want every event
+        self._index = _TagIndex()              # listeners that declared tags
+        self._partial: set = set()             # peers holding an unfinished frame
+        self._paused: collections.deque = collections.deque()
+        self._dirty: set = set()
         self._stopping = threading.Event()
         self._thread = None
         self._error = None
-        self._born = time.monotonic()
-        self._replay = collections.deque()   # [buffer, frames] kept for resuming listeners
-        self._replay_bytes = 0
-        self._replay_open = successor       # a fresh bus has nobody to resume
         self._started_at = time.time()
-        self._hello = _encode({"ctl": "hello", "pid": os.getpid()})
-        self._bye = _encode({"ctl": "bye"})
+        self._in_held = 0                      # bytes of unfinished frames, all peers
+        self._ctl_held = 0                     # bytes of control replies queued, all peers
+        self._ev_held = 0                      # bytes of event blocks queued or in the ring
+        self._ev_cap = _TOTAL_BACKLOG_FACTOR * self.backlog
+        self._accept_paused_until = 0.0
+        self._next_check = time.monotonic() + _PATH_CHECK_INTERVAL
+        self._warned: dict = {}                # warning key -> monotonic time of the last
+        self._ousted = False                   # another broker owns the bus's paths now
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self._drops = 0
+        self._ring = _Ring(_non_negative_int(settings, "saltevent_ring_events"),
+                           _non_negative_int(settings, "saltevent_ring_bytes"))
+        self._resuming: set = set()            # listener ids the predecessor handed over
+        self._handed_drops: dict = {}
+        state = election.state
+        if state:
+            self.epoch, self.seq = state["epoch"], state["seq"]
+            self._adopt(state)
+        else:
+            self.epoch, self.seq = os.urandom(6).hex(), 0
+        self._hello = _encode_control({"ctl": "hello", "pid": os.getpid(), "v": 2,
+                                       "epoch": self.epoch})
         try:
             self._wake_r.setblocking(False)
             self._wake_w.setblocking(False)
-            self._selector.register(sock, selectors.EVENT_READ, None)
+            self._selector.register(self._listen_sock, selectors.EVENT_READ, None)
             self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         except BaseException:
-            self._close_fds()
+            self._close_own_fds()
             raise
+
+    def _adopt(self, state: dict) -> None:
+        """Take over the events a clean predecessor handed over."""
+        ring = self._ring
+        for first, last, payload in state["runs"]:
+            mark = _SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, first)
+            blk = _Block((mark, payload), len(payload) + len(mark), last - first + 1,
+                         first, last)
+            ring.blocks.append(blk)
+            blk.refs += 1
+            ring.events += blk.count
+            ring.bytes += blk.size
+            self._ev_held += blk.size
+        ring.extra_events, ring.extra_bytes = ring.events, ring.bytes
+        ring.grace_until = time.monotonic() + _HANDOFF_GRACE
+        self._resuming = state["lids"]
+        self._handed_drops = state["drops"]
+        log.debug("broker of %s continues epoch %s at %d with %d events handed over",
+                  self.bus.path, self.epoch, self.seq, ring.events)
 
     # -- introspection (any thread)
 
@@ -676,9 +1281,10 @@ class Broker:
 
     def start(self) -> None:
         """Run the broker on a daemon thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="saltevent-broker",
-                                        daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self.serve_forever, name="saltevent-broker",
+                                  daemon=True)
+        thread.start()
+        self._thread = thread
 
     def serve_forever(self) -> None:
         """Serve until close(); then hand off.  Runs on the broker thread."""
@@ -694,6 +1300,11 @@ class Broker:
     def stop(self) -> None:
         """Ask the broker to hand off and stop; do not wait."""
         self._stopping.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the broker look at its timers and paths now."""
+        self._next_check = 0.0
         try:
             self._wake_w.send(b"\0")
         except OSError:
@@ -718,16 +1329,26 @@ class Broker:
             raise RuntimeError(f"broker of {self.bus.path} failed") from error
 
     def _close_fds(self) -> None:
-        for peer in list(self._peers.values()):
+        for peer in list(self._peers):
+            peer.alive = False
             peer.sock.close()
         self._peers.clear()
-        self._listeners.clear()
+        self._plain.clear()
+        self._index = _TagIndex()
         sock, self._listen_sock = self._listen_sock, None
         if sock is not None:
+            if not self._ousted and _ident(self.bus.path) == self._ident:
+                try:
+                    os.unlink(self.bus.path)
+                except OSError:
+                    pass
             sock.close()
         lock_fd, self._lock_fd = self._lock_fd, None
         if lock_fd is not None:
             os.close(lock_fd)
+        self._close_own_fds()
+
+    def _close_own_fds(self) -> None:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -737,30 +1358,27 @@ class Broker:
     def _serve(self) -> None:
         """Dispatch readiness until stop().  Runs on the broker thread."""
         select_ = self._selector.select
-        dirty = set()
+        dirty = self._dirty
         while not self._stopping.is_set():
-            timeout = None
-            if self._replay_open:
-                timeout = max(0.0, self._born + _REPLAY_SECONDS - time.monotonic())
-            ready = select_(timeout)
-            for key, mask in ready:
+            timeout = self._next_check - time.monotonic()
+            for key, mask in select_(timeout if timeout > 0 else 0):
                 peer = key.data
                 if peer is None:
                     self._accept()
                 elif peer is self._wake_r:
                     self._drain_wake()
                 else:
-                    if mask & selectors.EVENT_READ and self._peers.get(peer.fd) is peer:
-                        self._on_readable(peer, dirty)
-                    if mask & selectors.EVENT_WRITE and self._peers.get(peer.fd) is peer:
+                    if mask & selectors.EVENT_READ and peer.alive:
+                        self._on_readable(peer)
+                    if mask & selectors.EVENT_WRITE and peer.alive:
                         dirty.add(peer)
             if dirty:
                 for peer in dirty:
-                    if self._peers.get(peer.fd) is peer:
+                    if peer.alive:
                         self._flush(peer)
                 dirty.clear()
-            if self._replay_open and time.monotonic() - self._born > _REPLAY_SECONDS:
-                self._close_replay()
+            if time.monotonic() >= self._next_check:
+                self._timers()
 
     def _drain_wake(self) -> None:
         try:
@@ -769,176 +1387,522 @@ class Broker:
         except BlockingIOError:
             pass
 
+    def _warn(self, key: str, msg: str, *args: Any) -> None:
+        """Log a warning, at most once per _WARN_INTERVAL for one *key*."""
+        now = time.monotonic()
+        if now >= self._warned.get(key, 0.0):
+            self._warned[key] = now + _WARN_INTERVAL
+            log.warning(msg, *args)
+
+    def _timers(self) -> None:
+        """Check paths, resume accepting, drop stalled frames, end the grace.  Runs on the
+        broker thread."""
+        now = time.monotonic()
+        self._next_check = now + _PATH_CHECK_INTERVAL
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._resume_accept()
+        if self._accept_paused_until:
+            self._next_check = min(self._next_check, self._accept_paused_until)
+        for peer in [p for p in self._partial
+                     if not p.paused and now - p.reader.since > _FRAME_STALL]:
+            self._drop(peer, f"left a frame unfinished for {_FRAME_STALL:g} s")
+        if self._ring.grace_until and now >= self._ring.grace_until:
+            self._ring.end_grace(self._release)
+        self._check_paths()
+
+    # -- connections (broker thread)
+
     def _accept(self) -> None:
         """Accept pending connections; refuse other users.  Runs on the broker thread."""
-        while True:
+        while self._listen_sock is not None:
             try:
                 sock, _ = self._listen_sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: keep serving the others
-                log.warning("broker of %s cannot accept: %s", self.bus.path, exc)
-                return
-            try:
-                pid, uid = _peer_creds(sock)
             except OSError as exc:
-                log.warning("refused a client of %s: %s", self.bus.path, exc)
-                sock.close()
-                continue
-            if uid != os.getuid() and uid != 0:
-                log.warning("refused a client of %s: uid %d is not ours", self.bus.path, uid)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            peer = _Peer(sock, pid)
-            self._peers[peer.fd] = peer
-            self._selector.register(sock, selectors.EVENT_READ, peer)
-            leaving = self._stopping.is_set()
-            self._enqueue(peer, self._bye if leaving else self._hello, 0)
-            peer.last_in = time.monotonic()
-            self._flush(peer)
-            log.debug("client connected to %s (pid %d)%s", self.bus.path, pid,
-                      "; told it to go to the next broker" if leaving else "")
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(exc)
+                    return
+                self._warn("accept", "broker of %s cannot accept: %s", self.bus.path, exc)
+                return
+            self._admit(sock)
 
-    def _on_readable(self, peer: _Peer, dirty: set) -> None:
-        """Read what *peer* sent and relay it.  Runs on the broker thread."""
+    def _admit(self, sock: socket.socket) -> None:
         try:
-            chunk = peer.sock.recv(_RECV_BYTES)
+            uid = _peer_uid(sock)
+            pid = _peer_pid(sock)
+        except OSError as exc:
+            self._warn("creds", "refused a client of %s: %s", self.bus.path, exc)
+            sock.close()
+            return
+        if not _trusted(uid):
+            self._warn(f"uid{uid}", "refused a client of %s: uid %d is not ours",
+                       self.bus.path, uid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        if len(self._peers) >= self.max_clients:
+            self._warn("full", "refused a client of %s (pid %d): %d clients is the most "
+                       "this broker serves", self.bus.path, pid, self.max_clients)
+            try:
+                sock.send(_encode_control({"ctl": "refused", "reason": "too many clients"}))
+            except OSError:
+                pass
+            sock.close()
+            return
+        peer = _Peer(sock, pid)
+        self._peers[peer] = None
+        leaving = self._stopping.is_set()
+        frame = self._bye if leaving else self._hello
+        self._queue_control(peer, _Block((frame,), len(frame)))
+        self._watch(peer)
+        self._flush(peer)
+        log.debug("client connected to %s (pid %d)", self.bus.path, pid)
+
+    _bye = _encode_control({"ctl": "bye"})
+
+    def _pause_accept(self, exc: OSError) -> None:
+        """Out of fds: stop watching the listening socket for a while (it would stay
+        readable and spin the loop)."""
+        self._warn("emfile", "broker of %s cannot accept new clients: %s; retrying every "
+                   "%g s", self.bus.path, exc.strerror, _ACCEPT_BACKOFF)
+        if not self._accept_paused_until:
+            self._selector.unregister(self._listen_sock)
+        self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
+        self._next_check = min(self._next_check, self._accept_paused_until)
+
+    def _resume_accept(self) -> None:
+        if self._accept_paused_until and self._listen_sock is not None:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listen_sock, selectors.EVENT_READ, None)
+
+    def _watch(self, peer: _Peer) -> None:
+        """Select *peer* for reading unless paused, and for writing while it has output."""
+        mask = (0 if peer.paused else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if peer.out else 0)
+        if mask == peer.mask:
+            return
+        if not peer.mask:
+            self._selector.register(peer.sock, mask, peer)
+        elif not mask:
+            self._selector.unregister(peer.sock)
+        else:
+            self._selector.modify(peer.sock, mask, peer)
+        peer.mask = mask
+
+    def _drop(self, peer: _Peer, reason: str) -> None:
+        """Close *peer* and let go of all it held; log *reason* when it is an error.
+        Runs on the broker thread."""
+        if not peer.alive:
+            return
+        peer.alive = False
+        del self._peers[peer]
+        if peer.listener:
+            if peer.filters is None:
+                self._plain.pop(peer, None)
+            else:
+                self._index.remove(peer, peer.filters)
+        for blk in peer.out:
+            if blk.count:
+                self._release(blk)
+            else:
+                self._ctl_held -= blk.size
+        peer.out.clear()
+        self._in_held -= peer.reader.held
+        peer.reader.buf = None
+        peer.reader.head = b""
+        self._partial.discard(peer)
+        if reason:
+            log.warning("dropped a client of %s (pid %d): %s", self.bus.path, peer.pid, reason)
+        else:
+            log.debug("client of %s closed (pid %d)", self.bus.path, peer.pid)
+        if peer.mask:
+            self._selector.unregister(peer.sock)
+        peer.sock.close()
+        if self._accept_paused_until:
+            self._resume_accept()
+        self._resume_paused()
+
+    # -- input: the one door (broker thread)
+
+    def _on_readable(self, peer: _Peer) -> None:
+        """Read what *peer* sent, within the input budget, and act on its frames.
+        Runs on the broker thread."""
+        reader = peer.reader
+        if reader.need and not self._allot(peer):
+            return
+        if reader.buf is not None:
+            limit = _RECV_BYTES
+        else:
+            limit = min(_RECV_BYTES, _INPUT_BUDGET - self._in_held)
+            if limit < _BIG_FRAME and self._make_room(peer, _BIG_FRAME):
+                limit = min(_RECV_BYTES, _INPUT_BUDGET - self._in_held)
+            if limit < _HDR_SIZE:
+                self._pause(peer)
+                return
+        held = reader.held
+        try:
+            frames = reader.read(peer.sock, limit)
         except (BlockingIOError, InterruptedError):
             return
-        except ConnectionResetError:       # closed with our data unread: a normal close
-            chunk = b""
-        except OSError as exc:
-            self._drop(peer, f"read failed: {exc}")
-            return
-        if not chunk:
-            if peer.frames.pending:
-                log.warning("client of %s closed mid-frame; dropped %d bytes",
-                            self.bus.path, peer.frames.pending)
-            if self._stopping.is_set() and peer.listener:
-                peer.done = True           # acknowledged the hand-off; still reading
-                self._watch(peer)
-            else:
-                self._drop(peer, "")
-            return
-        peer.last_in = time.monotonic()
-        try:
-            block = peer.frames.feed(chunk)
-            if not block:
-                return
-            objs = _decode(block)
+        except ConnectionResetError:
+            reader.eof = True
+            frames = []
         except FrameError as exc:
             self._drop(peer, str(exc))
             return
-        nframes = len(objs)
-        for obj in objs:
-            if not _is_event(obj):
-                block, nframes = self._split_control(peer, block, objs, dirty)
-                if self._peers.get(peer.fd) is not peer:
-                    return
+        except OSError as exc:
+            self._drop(peer, f"read failed: {exc}")
+            return
+        self._in_held += reader.held - held
+        if frames:
+            self._on_frames(peer, frames)
+            if not peer.alive:
+                return
+        if reader.eof:
+            if reader.held:
+                log.warning("client of %s (pid %d) closed mid-frame; dropped %d bytes",
+                            self.bus.path, peer.pid, reader.held)
+            self._drop(peer, "")
+            return
+        if reader.need:
+            self._allot(peer)
+        if reader.held:
+            self._partial.add(peer)
+        else:
+            self._partial.discard(peer)
+            if held:
+                self._resume_paused()
+
+    def _allot(self, peer: _Peer) -> bool:
+        """Give *peer*'s unfinished big frame a buffer of its own if the input budget
+        allows, evicting clients that sit on old unfinished frames; else pause it."""
+        reader = peer.reader
+        extra = reader.need - reader.held
+        if not self._make_room(peer, extra):
+            self._pause(peer)
+            return False
+        reader.alloc()
+        self._in_held += extra
+        self._partial.add(peer)
+        if peer.paused:
+            peer.paused = False
+            self._watch(peer)
+        return True
+
+    def _make_room(self, peer: _Peer, size: int) -> bool:
+        """Return True if *size* more bytes fit the input budget, evicting clients that
+        have sat on an unfinished frame for ``_EVICT_AGE`` or more to make room."""
+        if self._in_held + size <= _INPUT_BUDGET:
+            return True
+        now = time.monotonic()
+        for other in sorted(self._partial, key=lambda p: p.reader.since):
+            if self._in_held + size <= _INPUT_BUDGET:
                 break
-        if nframes:
-            peer.events_in += nframes
-            peer.bytes_in += len(block)
-            self._publish(block, nframes, dirty)
+            if other is not peer and now - other.reader.since >= _EVICT_AGE:
+                self._drop(other, f"evicted: held an unfinished frame of {other.reader.held} "
+                                  f"bytes for {now - other.reader.since:.1f} s while the "
+                                  "broker's input budget was spent")
+        return self._in_held + size <= _INPUT_BUDGET
 
-    def _split_control(self, peer: _Peer, block: bytes, objs: list, dirty: set) -> tuple:
-        """Handle control frames in *block*; return the event frames left and their count."""
-        lines = block.split(b"\n")[:-1]
-        events = []
-        for line, obj in zip(lines, objs):
-            if _is_event(obj):
-                events.append(line)
-            elif obj.__class__ is dict and obj.get("ctl").__class__ is str:
-                self._control(peer, obj, dirty)
-            else:
-                self._drop(peer, f"not an event or control frame: {line[:60]!r}")
-                return b"", 0
-        if not events:
-            return b"", 0
-        events.append(b"")
-        return b"\n".join(events), len(events) - 1
+    def _pause(self, peer: _Peer) -> None:
+        if not peer.paused:
+            peer.paused = True
+            self._paused.append(peer)
+            self._watch(peer)
+            self._warn("budget", "broker of %s is holding %d bytes of unfinished frames; "
+                       "pausing clients until some finish", self.bus.path, self._in_held)
 
-    def _control(self, peer: _Peer, msg: dict, dirty: set) -> None:
-        """Answer one control frame.  Runs on the broker thread."""
+    def _resume_paused(self) -> None:
+        paused = self._paused
+        while paused and _INPUT_BUDGET - self._in_held >= _BIG_FRAME:
+            peer = paused.popleft()
+            if peer.alive and peer.paused:
+                peer.paused = False
+                self._watch(peer)
+
+    def _on_frames(self, peer: _Peer, frames: list) -> None:
+        """Decide what each frame of *peer* may do: events are relayed, a client's controls
+        answered, anything else drops the client.  Runs on the broker thread."""
+        tags = []
+        ends = []
+        run = None
+        for kind, tag, data, start, _body, end in frames:
+            if kind == _EVENT:
+                if run is None:
+                    run = start
+                tags.append(tag)
+                ends.append(end)
+                continue
+            if run is not None:
+                self._publish(peer, data, run, tags, ends)
+                run = None
+                tags = []
+                ends = []
+            if kind == _MARK:
+                self._drop(peer, "sent a sequence mark (only the broker numbers events)")
+                return
+            try:
+                self._control(peer, _decode_control(data[_body:end]))
+            except FrameError as exc:
+                self._drop(peer, str(exc))
+                return
+            if not peer.alive:
+                return
+        if run is not None:
+            self._publish(peer, frames[-1][2], run, tags, ends)
+
+    def _control(self, peer: _Peer, msg: dict) -> None:
+        """Answer one control frame a client may send.  Runs on the broker thread."""
         ctl = msg["ctl"]
         if ctl == "sub":
-            backlog = msg.get("backlog")
-            if isinstance(backlog, int) and backlog > 0:
-                peer.backlog = backlog
-            gap = False
-            replay = ()
-            if msg.get("resume"):
-                if self._replay_open:
-                    replay = list(self._replay)
-                else:
-                    gap = True
-            self._enqueue(peer, _encode({"ctl": "ok", "gap": gap, "pid": os.getpid()}), 0)
-            for buffer, nframes in replay:
-                self._enqueue(peer, buffer, nframes)
-            peer.listener = True
-            self._listeners[peer.fd] = peer
-            dirty.add(peer)
-            log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
+            self._subscribe(peer, msg)
         elif ctl == "stats":
-            self._enqueue(peer, _encode({"ctl": "stats", "stats": self.stats()}), 0)
-            dirty.add(peer)
+            if peer.stats_pending is not None:
+                self._drop(peer, "asked for stats again before reading the answer")
+                return
+            block = _control_block({"ctl": "stats", "stats": self.stats()})
+            if self._ctl_held + block.size > _CONTROL_BUDGET:
+                self._drop(peer, "control replies for clients that do not read them are "
+                                 f"over {_CONTROL_BUDGET} bytes")
+                return
+            peer.stats_pending = block
+            self._queue_control(peer, block)
         else:
-            log.warning("client of %s sent unknown control %r; ignored", self.bus.path, ctl)
+            self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
 
-    def _publish(self, block: bytes, nframes: int, dirty: set) -> None:
-        """Queue *block* for every listener.  Runs on the broker thread."""
-        self.events_in += nframes
-        self.bytes_in += len(block)
-        for peer in self._listeners.values():
-            self._enqueue(peer, block, nframes)
-            if not peer.writing:           # else its socket is full: EVENT_WRITE flushes
-                dirty.add(peer)
-        if self._replay_open:
-            self._replay.append((block, nframes))
-            self._replay_bytes += len(block)
-            if self._replay_bytes > DEFAULT_BACKLOG_BYTES:
-                self._close_replay()
+    # -- listeners (broker thread)
 
-    def _close_replay(self) -> None:
-        self._replay_open = False
-        self._replay.clear()
-        self._replay_bytes = 0
-
-    def _enqueue(self, peer: _Peer, buffer: bytes, nframes: int) -> None:
-        """Queue *buffer* for *peer*, dropping its oldest events past its backlog.
-
-        The head may be partly sent and is never dropped, nor are control frames;
-        the dropped events are replaced by one ``drop`` notice where they were.
-        """
-        out = peer.out
-        out.append([buffer, nframes])
-        peer.out_bytes += len(buffer)
-        if peer.out_bytes <= peer.backlog or not nframes:
+    def _subscribe(self, peer: _Peer, msg: dict) -> None:
+        """Register *peer* as a listener: reply ``ok``, replay what it asked for, then
+        relay live events, atomically.  Runs on the broker thread."""
+        if peer.listener:
+            self._drop(peer, "subscribed twice")
             return
-        notice = peer.notice
-        reuse = len(out) > 1 and out[1] is notice
-        index = 2 if reuse else 1
+        try:
+            backlog = _opt_int(msg, "backlog")
+            since = _opt_int(msg, "since", minimum=0)
+            last = _opt_int(msg, "last", minimum=0)
+            epoch = _opt_str(msg, "epoch")
+            lid = _opt_str(msg, "lid")
+            tags = msg.get("tags")
+            if tags is not None:
+                if (not isinstance(tags, list) or len(tags) > _MAX_TAG_FILTERS
+                        or not all(isinstance(t, str) and len(t) <= 1024 for t in tags)):
+                    raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
+                                     "strings")
+                filters = [_tag_filter(t) for t in tags]
+            else:
+                filters = None
+        except ValueError as exc:
+            self._drop(peer, f"bad subscription: {exc}")
+            return
+        peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
+        peer.lid = lid
+        ring = self._ring
+        self._queue_control(peer, _control_block({
+            "ctl": "ok", "pid": os.getpid(), "epoch": self.epoch, "seq": self.seq,
+            "ring": [ring.first, ring.last]}))
+        resumed = bool(msg.get("resume")) and since is not None
+        handed = resumed and lid in self._resuming
+        if handed:
+            self._resuming.discard(lid)
+            drop = self._handed_drops.pop(lid, None)
+            if drop:
+                self._note_drop(peer, drop[2], drop[0], drop[1], "backlog")
+            if not self._resuming and ring.grace_until:
+                ring.grace_until = time.monotonic()        # everyone is back
+                self._next_check = 0.0
+        if since is not None and epoch is not None and epoch != self.epoch:
+            self._queue_control(peer, _control_block({
+                "ctl": "gap", "reason": "crash", "epoch": epoch, "first": since + 1,
+                "last": None, "n": None}))
+            self._replay(peer, filters, 0, "crash", False)
+        elif since is not None:
+            self._replay(peer, filters, min(since, self.seq), "handoff" if resumed else "ring",
+                         handed)
+        elif last:
+            self._replay(peer, filters, self._since_last(filters, last), "ring", False)
+        peer.listener = True
+        peer.filters = filters
+        if filters is None:
+            self._plain[peer] = None
+        else:
+            self._index.add(peer, filters)
+        self._dirty.add(peer)
+        log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
+
+    def _since_last(self, filters: list | None, count: int) -> int:
+        """Return the number after which the last *count* events (that *filters* want) lie."""
+        if filters is None:
+            return max(0, self.seq - count)
+        found = 0
+        for blk in reversed(self._ring.blocks):
+            for seq, tag, _start, _end in reversed(_event_runs(blk.bufs[-1], blk.first)):
+                if _filters_match(filters, tag):
+                    found += 1
+                    if found == count:
+                        return seq - 1
+        return max(0, self._ring.first - 1)
+
+    def _replay(self, peer: _Peer, filters: list | None, since: int, reason: str,
+                trusted: bool) -> None:
+        """Queue for *peer* the ring's events after *since* (those its filters want), with
+        a ``gap`` notice for every stretch the ring does not have.
+
+        A stretch missing between blocks is reported with its exact size to a listener
+        that wants every event; to a filtered one with an unknown count, unless it is a
+        listener whose own queue the predecessor handed over (*trusted*): everything it
+        wanted is then in the ring.
+        """
+        cursor = since + 1
+        for blk in list(self._ring.blocks):
+            if blk.last < cursor:
+                continue
+            if blk.first > cursor:
+                self._gap_notice(peer, filters, cursor, blk.first - 1, reason, trusted)
+            if cursor <= blk.first and filters is None:
+                self._enqueue(peer, blk)
+            else:
+                items = [item for item in _event_runs(blk.bufs[-1], blk.first)
+                         if item[0] >= cursor and (filters is None
+                                                   or _filters_match(filters, item[1]))]
+                if items:
+                    self._enqueue(peer, _sub_block(blk.bufs[-1], items))
+            cursor = blk.last + 1
+            if not peer.alive:
+                return
+        if cursor <= self.seq:
+            self._gap_notice(peer, filters, cursor, self.seq, reason, trusted)
+
+    def _gap_notice(self, peer: _Peer, filters: list | None, first: int, last: int,
+                    reason: str, trusted: bool) -> None:
+        if filters is not None and trusted:
+            return
+        count = last - first + 1 if filters is None else None
+        self._queue_control(peer, _control_block({
+            "ctl": "gap", "reason": reason, "epoch": self.epoch, "first": first,
+            "last": last, "n": count}))
+
+    # -- output (broker thread)
+
+    def _publish(self, peer: _Peer, data: Any, start: int, tags: list, ends: list) -> None:
+        """Number the event frames ``data[start:ends[-1]]`` and queue them for every
+        listener that wants them, and the ring.  Runs on the broker thread."""
+        end = ends[-1]
+        payload = data if start == 0 and end == len(data) else data[start:end]
+        count = len(tags)
+        first = self.seq + 1
+        self.seq += count
+        mark = _SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, first)
+        blk = _Block((mark, payload), len(payload) + len(mark), count, first, self.seq)
+        peer.events_in += count
+        peer.bytes_in += len(payload)
+        self.events_in += count
+        self.bytes_in += len(payload)
+        enqueue = self._enqueue
+        for listener in self._plain:
+            enqueue(listener, blk)
+        if self._index:
+            self._publish_filtered(blk, payload, start, tags, ends)
+        ring = self._ring
+        if ring.max_events and ring.max_bytes:
+            if not blk.refs:
+                self._ev_held += blk.size
+            ring.add(blk, self._release)
+        if self._ev_held > self._ev_cap:
+            self._shed()
+
+    def _publish_filtered(self, blk: _Block, payload: Any, start: int, tags: list,
+                          ends: list) -> None:
+        match = self._index.match
+        wanted: dict = {}
+        for index, tag in enumerate(tags):
+            for peer in match(tag):
+                wanted.setdefault(peer, []).append(index)
+        if not wanted:
+            return
+        starts = [start] + ends[:-1]
+        for peer, indexes in wanted.items():
+            if len(indexes) == len(tags):
+                self._enqueue(peer, blk)
+            else:
+                self._enqueue(peer, _sub_block(payload, [
+                    (blk.first + i, tags[i], starts[i] - start, ends[i] - start)
+                    for i in indexes]))
+
+    def _enqueue(self, peer: _Peer, blk: _Block) -> None:
+        """Queue event block *blk* for *peer*, dropping its oldest past its backlog."""
+        peer.out.append(blk)
+        if not blk.refs:
+            self._ev_held += blk.size
+        blk.refs += 1
+        peer.out_bytes += blk.size
+        if peer.out_bytes > peer.backlog:
+            self._trim(peer, peer.backlog, "backlog")
+        if not peer.mask & selectors.EVENT_WRITE:   # else the selector says when
+            self._dirty.add(peer)
+
+    def _release(self, blk: _Block) -> None:
+        blk.refs -= 1
+        if not blk.refs:
+            self._ev_held -= blk.size
+
+    def _queue_control(self, peer: _Peer, blk: _Block) -> None:
+        peer.out.append(blk)
+        peer.ctl_bytes += blk.size
+        self._ctl_held += blk.size
+        self._dirty.add(peer)
+
+    def _trim(self, peer: _Peer, limit: int, reason: str) -> None:
+        """Drop *peer*'s oldest event blocks until it holds at most *limit* bytes, keeping
+        the one being sent and the newest; a ``drop`` notice takes their place."""
+        out = peer.out
+        index = 1 if peer.head_off else 0
         lost = 0
-        while peer.out_bytes > peer.backlog and index < len(out) - 1:
-            victim = out[index]
-            if not victim[1]:
+        first = last = 0
+        at = None
+        while peer.out_bytes > limit and index < len(out) - 1:
+            blk = out[index]
+            if not blk.count:
                 index += 1
                 continue
+            if at is None:
+                at = index
+                first = blk.first
             del out[index]
-            peer.out_bytes -= len(victim[0])
-            lost += victim[1]
-        if not lost:
-            return
+            peer.out_bytes -= blk.size
+            self._release(blk)
+            lost += blk.count
+            last = blk.last
+        if lost:
+            self._note_drop(peer, lost, first, last, reason, at)
+
+    def _note_drop(self, peer: _Peer, lost: int, first: int, last: int, reason: str,
+                   at: int | None = None) -> None:
+        """Put (or grow) the ``drop`` notice where *peer*'s lost events were."""
         peer.dropped += lost
         self._drops += lost
-        if not reuse:
-            notice = peer.notice = [b"", 0, 0]
-            out.insert(1, notice)
-        notice[2] += lost
-        size = len(notice[0])
-        notice[0] = _encode({"ctl": "drop", "n": notice[2]})
-        peer.out_bytes += len(notice[0]) - size
+        out = peer.out
+        at = len(out) if at is None else at
+        notice = peer.notice
+        if (notice is not None and at > 0 and out[at - 1] is notice
+                and not (at == 1 and peer.head_off)):
+            old = notice.msg
+            merged = {"ctl": "drop", "n": old["n"] + lost, "first": old["first"],
+                      "last": max(last, old["last"]), "reason": reason}
+            frame = _encode_control(merged)
+            self._ctl_held += len(frame) - notice.size
+            peer.ctl_bytes += len(frame) - notice.size
+            notice.bufs, notice.size, notice.msg = (frame,), len(frame), merged
+        else:
+            msg = {"ctl": "drop", "n": lost, "first": first, "last": last, "reason": reason}
+            notice = _control_block(msg)
+            notice.msg = msg
+            out.insert(at, notice)
+            peer.ctl_bytes += notice.size
+            self._ctl_held += notice.size
+            peer.notice = notice
         now = time.monotonic()
         if now >= peer.warn_after:         # at most one warning a second per listener
             peer.warn_after = now + 1.0
@@ -946,15 +1910,42 @@ class Broker:
                         "events, %d so far", self.bus.path, peer.pid, peer.out_bytes,
                         peer.dropped)
 
+    def _shed(self) -> None:
+        """All listeners together hold too much: trim the ones furthest behind."""
+        while self._ev_held > self._ev_cap:
+            victim = max(self._listeners(), key=lambda p: p.out_bytes, default=None)
+            if victim is None or not victim.out_bytes:
+                return
+            before = victim.out_bytes
+            self._trim(victim, before // 2, "memory")
+            if victim.out_bytes == before:
+                return
+
+    def _listeners(self) -> list:
+        return [peer for peer in self._peers if peer.listener]
+
     def _flush(self, peer: _Peer) -> None:
         """Send what *peer* has queued, without blocking.  Runs on the broker thread."""
         out = peer.out
         sock = peer.sock
         while out:
-            if len(out) == 1:
-                bufs = [out[0][0]]
+            if len(out) == 1 and not peer.head_off:
+                bufs = out[0].bufs
             else:
-                bufs = [item[0] for item in itertools.islice(out, _IOV_MAX)]
+                bufs = []
+                count = 0
+                for blk in out:
+                    bufs.extend(blk.bufs)
+                    count += len(blk.bufs)
+                    if count >= _IOV_MAX:
+                        break
+                skip = peer.head_off
+                while skip:
+                    if skip >= len(bufs[0]):
+                        skip -= len(bufs.pop(0))
+                    else:
+                        bufs[0] = memoryview(bufs[0])[skip:]
+                        skip = 0
             try:
                 sent = sock.sendmsg(bufs)
             except (BlockingIOError, InterruptedError):
@@ -967,175 +1958,372 @@ class Broker:
                 return
             peer.bytes_out += sent
             self.bytes_out += sent
+            sent += peer.head_off
+            peer.head_off = 0
             while sent:
-                item = out[0]
-                size = len(item[0])
-                if sent >= size:
-                    sent -= size
-                    out.popleft()
-                    peer.out_bytes -= size
-                    peer.events_out += item[1]
-                    self.events_out += item[1]
-                    if item is peer.notice:
-                        peer.notice = None
+                blk = out[0]
+                if sent < blk.size:
+                    peer.head_off = sent
+                    break
+                sent -= blk.size
+                out.popleft()
+                if blk.count:
+                    peer.out_bytes -= blk.size
+                    peer.events_out += blk.count
+                    self.events_out += blk.count
+                    self._release(blk)
                 else:
-                    item[0] = memoryview(item[0])[sent:]
-                    peer.out_bytes -= sent
-                    sent = 0
-        if bool(out) != peer.writing:
-            self._watch(peer)
+                    peer.ctl_bytes -= blk.size
+                    self._ctl_held -= blk.size
+                    if blk is peer.notice:
+                        peer.notice = None
+                    elif blk is peer.stats_pending:
+                        peer.stats_pending = None
+        self._watch(peer)
 
-    def _watch(self, peer: _Peer) -> None:
-        """Select *peer* for reading unless it is done, and for writing while it has output."""
-        peer.writing = bool(peer.out)
-        events = (0 if peer.done else selectors.EVENT_READ) | (
-            selectors.EVENT_WRITE if peer.writing else 0)
-        registered = peer.sock in self._selector.get_map()
-        if not events:
-            if registered:
-                self._selector.unregister(peer.sock)
-        elif registered:
-            self._selector.modify(peer.sock, events, peer)
-        else:
-            self._selector.register(peer.sock, events, peer)
+    # -- paths (broker thread)
 
-    def _drop(self, peer: _Peer, reason: str) -> None:
-        """Close *peer*; log *reason* when it is an error.  Runs on the broker thread."""
-        if self._peers.get(peer.fd) is not peer:    # already dropped (its fd may be reused)
+    def _check_paths(self) -> None:
+        """Recover when the lock or socket file was removed or replaced (tmp cleaners):
+        take the lock again and rebind, or hand off to the broker that took over."""
+        if self._listen_sock is None or self._ousted:
             return
-        del self._peers[peer.fd]
-        if self._listeners.get(peer.fd) is peer:
-            del self._listeners[peer.fd]
-        if reason:
-            log.warning("dropped a client of %s (pid %d): %s", self.bus.path, peer.pid, reason)
-        else:
-            log.debug("client of %s closed (pid %d)", self.bus.path, peer.pid)
         try:
-            self._selector.unregister(peer.sock)
-        except (KeyError, ValueError):
-            pass
-        peer.sock.close()
+            lock_info = os.fstat(self._lock_fd)
+        except OSError:
+            return
+        if _ident(self.bus.lock_path) != (lock_info.st_dev, lock_info.st_ino):
+            if not self._retake_lock():
+                return
+        if _ident(self.bus.path) != self._ident:
+            self._rebind()
+
+    def _retake_lock(self) -> bool:
+        try:
+            fd = _open_private(self.bus.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
+        except (OSError, BusClosedError) as exc:
+            self._warn("lock", "broker of %s lost its lock file and cannot make a new one: "
+                       "%s", self.bus.path, exc)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.warning("another broker took over %s (its lock file was replaced); handing "
+                        "off to it", self.bus.path)
+            self._ousted = True
+            self._stopping.set()
+            return False
+        os.write(fd, f"{os.getpid()}\n".encode())
+        old, self._lock_fd = self._lock_fd, fd
+        os.close(old)
+        log.warning("broker of %s took its lock file again (it was removed)", self.bus.path)
+        return True
+
+    def _rebind(self) -> None:
+        """Bind the bus path again (we hold the lock, so the path is ours)."""
+        try:
+            _remove_stale_socket(self.bus.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.bus.path)
+                os.chmod(self.bus.path, 0o600)
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+        except (OSError, BusClosedError) as exc:
+            self._warn("rebind", "broker of %s cannot bind its socket path again: %s",
+                       self.bus.path, exc)
+            return
+        self._accept()                     # clients that reached the old socket
+        old, self._listen_sock = self._listen_sock, sock
+        if not self._accept_paused_until:
+            self._selector.unregister(old)
+            self._selector.register(sock, selectors.EVENT_READ, None)
+        old.close()
+        self._ident = _ident(self.bus.path)
+        log.warning("broker of %s bound its socket path again (it was removed or replaced)",
+                    self.bus.path)
+
+    # -- hand-off (broker thread)
 
     def _handoff(self) -> None:
-        """Give up the bus, tell every client, deliver what is held, close.
+        """Give up the bus without losing an event.  Runs on the broker thread.
 
-        The socket's path and the lock go first, so a new broker can be elected at
-        once; connections still queued on the old socket are accepted and told
-        ``bye``.  Clients get ``bye``; firers move to the new broker, listeners
-        half-close and read on.  Frames still arriving are relayed until every
-        client is done or quiet for ``_HANDOFF_QUIET``, output is flushed (at most
-        ``_HANDOFF_TIMEOUT`` in all), then every connection is closed.  Runs on the
-        broker thread.
+        The path goes first (we still hold the lock, so newcomers wait for the next
+        broker); connections already queued are accepted like the others.  Every client
+        is told ``bye`` and, where the platform allows, shut for reading: a firer's
+        later send fails at once and it moves to the next broker, while what it sent
+        before is still read here.  Elsewhere reading goes on until every client is
+        quiet.  Then the numbering, the ring and every listener's unsent events go to
+        the state file, the lock is released, and every connection closed: listeners
+        resume on the next broker after the last event they got.
         """
-        try:
-            os.unlink(self.bus.path)       # we still hold the lock: newcomers elect anew
-        except FileNotFoundError:
-            pass
-        lock_fd, self._lock_fd = self._lock_fd, None
-        os.close(lock_fd)                  # releases the flock: another process may take over
-        bye = self._bye
-        dirty = set()
-        now = time.monotonic()
-        for peer in list(self._peers.values()):
-            self._enqueue(peer, bye, 0)
-            peer.last_in = now
-            dirty.add(peer)
-        deadline = now + _HANDOFF_TIMEOUT
-        while self._peers:
-            for peer in dirty:
-                if self._peers.get(peer.fd) is peer:
-                    self._flush(peer)
-            dirty.clear()
-            now = time.monotonic()
-            quiet_at = max((p.last_in for p in self._peers.values() if not p.done),
-                           default=now - _HANDOFF_QUIET) + _HANDOFF_QUIET
-            flushed = not any(p.out for p in self._peers.values())
-            if (now >= quiet_at and flushed) or now >= deadline:
-                break
-            wait = min(deadline, quiet_at if quiet_at > now else deadline) - now
-            for key, mask in self._selector.select(wait):
-                peer = key.data
-                if peer is None:
-                    self._accept()         # queued before the unlink: they get bye
-                    continue
-                if peer is self._wake_r:
-                    self._drain_wake()
-                    continue
-                if mask & selectors.EVENT_READ and self._peers.get(peer.fd) is peer:
-                    self._on_readable(peer, dirty)
-                if mask & selectors.EVENT_WRITE and self._peers.get(peer.fd) is peer:
-                    dirty.add(peer)
-        log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
+        if not self._ousted and _ident(self.bus.path) == self._ident:
+            try:
+                os.unlink(self.bus.path)
+            except OSError:
+                pass
+        self._accept()
         sock, self._listen_sock = self._listen_sock, None
-        self._selector.unregister(sock)
-        sock.close()
-        for peer in list(self._peers.values()):
+        if sock is not None:
+            if not self._accept_paused_until:
+                self._selector.unregister(sock)
+            sock.close()
+        for peer in list(self._peers):
+            self._queue_control(peer, _Block((self._bye,), len(self._bye)))
+            if _SHUT_RD_REFUSES:
+                try:
+                    peer.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        self._drain_input()
+        if not self._ousted:
+            try:
+                self._save_state()
+            except (OSError, BusClosedError) as exc:
+                log.warning("broker of %s could not hand its events over: %s", self.bus.path,
+                            exc)
+        lock_fd, self._lock_fd = self._lock_fd, None
+        os.close(lock_fd)                  # releases the flock: the next broker may start
+        for peer in list(self._peers):
+            if peer.alive:
+                self._flush(peer)
+        log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
+        for peer in list(self._peers):
             self._drop(peer, "")
 
+    def _drain_input(self) -> None:
+        """Take in what clients sent before the ``bye``.  Runs on the broker thread."""
+        deadline = time.monotonic() + _HANDOFF_TIMEOUT
+        pending = {peer: time.monotonic() for peer in self._peers}
+        while pending and time.monotonic() < deadline:
+            for peer in list(pending):
+                while peer.alive:
+                    reader = peer.reader
+                    if reader.need:
+                        extra = reader.need - reader.held
+                        reader.alloc()
+                        self._in_held += extra
+                    held = reader.held
+                    try:
+                        frames = reader.read(peer.sock)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        reader.eof = True
+                        frames = []
+                    except FrameError as exc:
+                        self._drop(peer, str(exc))
+                        break
+                    self._in_held += reader.held - held
+                    pending[peer] = time.monotonic()
+                    if frames:
+                        self._on_frames(peer, frames)
+                    if reader.eof:
+                        pending.pop(peer, None)
+                        if peer.alive and not peer.listener:
+                            self._drop(peer, "")
+                        break
+                if not peer.alive:
+                    pending.pop(peer, None)
+            now = time.monotonic()
+            for peer, seen in list(pending.items()):
+                if peer.listener or now - seen >= _HANDOFF_QUIET:
+                    del pending[peer]
+            if pending:
+                self._selector.select(max(0.0, min(deadline - now, _HANDOFF_QUIET)))
+
+    def _save_state(self) -> None:
+        """Write the numbering, the ring and listeners' unsent events for the successor."""
+        shared = {id(blk): blk for blk in self._ring.blocks}
+        singles = {}                   # seq -> frame, from filtered listeners' queues
+        lids = []
+        drops = {}
+        for peer in self._listeners():
+            if peer.lid:
+                lids.append(peer.lid)
+            for blk in peer.out:
+                if not blk.count:
+                    if blk is peer.notice and peer.lid:
+                        drops[peer.lid] = [blk.msg["first"], blk.msg["last"], blk.msg["n"]]
+                elif len(blk.bufs) == 2:
+                    shared[id(blk)] = blk
+                else:
+                    for seq, _tag, start, end in _event_runs(blk.bufs[0], blk.first):
+                        singles[seq] = blk.bufs[0][start:end]
+        runs = [(blk.first, blk.last, blk.bufs[1])
+                for blk in sorted(shared.values(), key=lambda b: b.first)]
+        if singles:
+            import bisect
+            firsts = [run[0] for run in runs]
+            for seq in sorted(singles):
+                at = bisect.bisect_right(firsts, seq) - 1
+                if at < 0 or runs[at][1] < seq:
+                    runs.append((seq, seq, singles[seq]))
+            runs.sort(key=lambda run: run[0])
+        merged = []                    # [first, last, [payloads]]: consecutive numbers
+        for first, last, payload in runs:
+            if merged and merged[-1][1] + 1 == first:
+                merged[-1][1] = last
+                merged[-1][2].append(payload)
+            elif not merged or first > merged[-1][1]:
+                merged.append([first, last, [payload]])
+        head = {"ctl": "state", "epoch": self.epoch, "seq": self.seq, "lids": lids,
+                "drops": drops}
+        _write_state(self.bus, head, [(first, b"".join(parts)) for first, _l, parts in merged])
+
     def stats(self) -> dict:
-        """Return the broker's counters (a snapshot; read on the broker thread)."""
-        listeners = []
-        for peer in self._listeners.values():
-            listeners.append({
-                "pid": peer.pid, "events_out": peer.events_out, "bytes_out": peer.bytes_out,
-                "queued_bytes": peer.out_bytes, "dropped": peer.dropped, "backlog": peer.backlog,
-            })
+        """Return the broker's figures (a snapshot; read on the broker thread)."""
+        listeners = sorted(self._listeners(), key=lambda p: p.out_bytes, reverse=True)
+        ring = self._ring
         return {
             "bus": self.bus.path, "pid": os.getpid(), "uptime": time.time() - self._started_at,
-            "clients": len(self._peers), "listeners": len(self._listeners),
+            "epoch": self.epoch, "seq": self.seq,
+            "clients": len(self._peers), "listeners": len(listeners),
+            "filtered_listeners": len(listeners) - len(self._plain),
             "events_in": self.events_in, "events_out": self.events_out,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "dropped": self._drops, "per_listener": listeners,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "dropped": self._drops,
+            "ring": {"events": ring.events, "bytes": ring.bytes, "first": ring.first,
+                     "last": ring.last, "max_events": ring.max_events,
+                     "max_bytes": ring.max_bytes},
+            "held": {"input": self._in_held, "control": self._ctl_held,
+                     "events": self._ev_held},
+            "limits": {"backlog": self.backlog, "events": self._ev_cap,
+                       "input": _INPUT_BUDGET, "control": _CONTROL_BUDGET,
+                       "clients": self.max_clients},
+            "per_listener": [{
+                "pid": peer.pid, "events_out": peer.events_out, "bytes_out": peer.bytes_out,
+                "queued_bytes": peer.out_bytes, "dropped": peer.dropped,
+                "backlog": peer.backlog, "tags": None if peer.filters is None else len(
+                    peer.filters)} for peer in listeners[:_STATS_LISTENERS]],
         }
 
 
+def _filters_match(filters: list, tag: str) -> bool:
+    for prefix, glob in filters:
+        if tag.startswith(prefix) and (glob is None or glob.match(tag)):
+            return True
+    return False
+
+
+def _positive_int(settings: Mapping, key: str) -> int:
+    value = settings[key]
+    if value.__class__ is not int or value <= 0:
+        raise ValueError(f"opts[{key!r}] must be a positive int, not {value!r}")
+    return value
+
+
+def _non_negative_int(settings: Mapping, key: str) -> int:
+    value = settings[key]
+    if value.__class__ is not int or value < 0:
+        raise ValueError(f"opts[{key!r}] must be an int >= 0, not {value!r}")
+    return value
+
+
+def _opt_int(msg: Mapping, key: str, minimum: int = 1) -> int | None:
+    value = msg.get(key)
+    if value is None:
+        return None
+    if value.__class__ is not int or not minimum <= value < 1 << 63:
+        raise ValueError(f"{key} must be an int >= {minimum}")
+    return value
+
+
+def _opt_str(msg: Mapping, key: str) -> str | None:
+    value = msg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise ValueError(f"{key} must be a short string")
+    return value
+
+
 # Brokers this process runs, and how many live event objects use each bus here.
+# __del__ never takes _registry_lock (a collection may run it while this thread holds
+# the lock): it appends to _orphans, which the next registry call settles.
 _registry_lock = threading.Lock()
 _brokers: dict = {}
 _users: dict = {}
+_orphans: list = []
 
 
-def _start_broker(bus: _Bus) -> bool:
+def _settle_orphans() -> list:
+    """Forget the users that __del__ left; return the brokers no user needs any more.
+    Call with _registry_lock held."""
+    idle = []
+    while _orphans:
+        path = _orphans.pop()
+        count = _users.get(path, 0) - 1
+        if count > 0:
+            _users[path] = count
+            continue
+        _users.pop(path, None)
+        broker = _brokers.pop(path, None)
+        if broker is not None:
+            idle.append(broker)
+    return idle
+
+
+def _start_broker(bus: _Bus, opts: Mapping | None = None) -> bool:
     """Run *bus*'s broker in this process if no process does; True if one runs here now."""
     with _registry_lock:
+        idle = _settle_orphans()
         broker = _brokers.get(bus.path)
-        if broker is not None and broker.is_running and not broker._stopping.is_set():
-            return True
-        elected = _elect(bus)
-        if elected is None:
-            return False
-        broker = Broker(bus, *elected)
-        broker.start()
-        _brokers[bus.path] = broker
-        return True
+        running = broker is not None and broker.is_running and not broker._stopping.is_set()
+        if not running:
+            elected = _elect(bus)
+            if elected is not None:
+                try:
+                    broker = Broker(bus, elected, opts)
+                    broker.start()
+                except BaseException:
+                    elected.sock.close()
+                    if _ident(bus.path) == elected.ident:
+                        os.unlink(bus.path)
+                    os.close(elected.lock_fd)
+                    raise
+                _brokers[bus.path] = broker
+                running = True
+    for old in idle:
+        old.stop()
+    if running:
+        broker.wake()          # it checks its paths: a client here found no socket
+    return running
 
 
 def _attach(bus: _Bus) -> None:
     with _registry_lock:
+        idle = _settle_orphans()
         _users[bus.path] = _users.get(bus.path, 0) + 1
+    for broker in idle:
+        broker.stop()
 
 
-def _detach(bus: _Bus, wait: bool = True) -> None:
+def _detach(bus: _Bus) -> None:
     """Forget one user of *bus*; hand off the broker here when it was the last."""
     with _registry_lock:
-        count = _users.get(bus.path, 0) - 1
-        if count > 0:
-            _users[bus.path] = count
-            return
-        _users.pop(bus.path, None)
-        broker = _brokers.pop(bus.path, None)
-    if broker is not None:
-        if wait:
-            broker.close()
-        else:
-            broker.stop()
+        _orphans.append(bus.path)
+        idle = _settle_orphans()
+    for broker in idle:
+        broker.close()
 
 
 @atexit.register
 def _stop_brokers() -> None:
-    with _registry_lock:
+    # Another thread may hold the lock for ever (a daemon thread stuck at exit):
+    # wait a little, then go on without it.
+    locked = _registry_lock.acquire(timeout=1.0)
+    try:
         brokers = list(_brokers.values())
         _brokers.clear()
+        _users.clear()
+        del _orphans[:]
+    finally:
+        if locked:
+            _registry_lock.release()
     for broker in brokers:
         try:
             broker.close()
@@ -1149,16 +2337,27 @@ def _forget_brokers_after_fork() -> None:
     _registry_lock = threading.Lock()
     for broker in _brokers.values():
         broker._thread = None
-        broker._close_fds()
+        for peer in broker._peers:
+            peer.sock.close()
+        broker._peers.clear()
+        for sock in (broker._listen_sock,):
+            if sock is not None:
+                sock.close()
+        broker._listen_sock = None
+        if broker._lock_fd is not None:
+            os.close(broker._lock_fd)       # the flock stays the parent's
+            broker._lock_fd = None
+        broker._close_own_fds()
     _brokers.clear()
     _users.clear()
+    del _orphans[:]
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_brokers_after_fork)
 
 
-# -- Client classes -----------------------------------------------------------
+# -- Client core --------------------------------------------------------------
 #
 # The client's I/O is written once, as generators of "steps": a step is a float
 # (sleep that many seconds) or ``(sock, write, timeout)`` (wait until the socket is
@@ -1166,13 +2365,19 @@ if hasattr(os, "register_at_fork"):
 # sync API runs them with _drive(); the asyncio face with _drive_async().
 
 
-def _drive(steps: Iterator) -> Any:
-    """Run a steps generator, blocking the calling thread; return its value."""
+def _drive(steps: Iterator, wake: threading.Event | None = None) -> Any:
+    """Run a steps generator, blocking the calling thread; return its value.
+
+    Sleeps wait on *wake*, so that destroy() from another thread ends them at once.
+    """
     try:
         step = next(steps)
         while True:
             if step.__class__ is float:
-                time.sleep(step)
+                if wake is None:
+                    time.sleep(step)
+                else:
+                    wake.wait(step)
                 step = steps.send(None)
             else:
                 step = steps.send(_wait_fd(*step))
@@ -1180,48 +2385,41 @@ def _drive(steps: Iterator) -> Any:
         return stop.value
 
 
-def _connect_steps(bus: _Bus, deadline: float | None) -> Iterator:
-    """Return a socket connected to *bus*, electing this process its broker if none runs.
-
-    Race: processes that find no broker compete for ``flock(lock_path)``; the winner
-    unlinks a stale socket file, binds, and keeps the lock for the broker's life; the
-    losers retry the connect until the winner listens.  Only the lock holder unlinks,
-    so a live broker's socket is never removed.  Raises EventTimeout at *deadline*.
-    """
-    delay = 0.001
-    while True:
-        try:
-            return _connect(bus.path)
-        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
-            pass          # nobody serves the path, or its listen queue is full
-        except OSError as exc:
-            raise BusClosedError(bus.path, f"cannot connect: {exc.strerror}") from exc
-        if _start_broker(bus):
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            raise EventTimeout(bus.path, None)
-        yield delay
-        delay = min(delay * 2, 0.02)
-
-
-def _bind_or_connect(bus: _Bus, deadline: float | None) -> socket.socket:
-    """Blocking form of _connect_steps()."""
-    return _drive(_connect_steps(bus, deadline))
-
-
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def _control_steps(conn: "_Conn", ctl: str, deadline: float | None,
-                   events: collections.deque, path: str) -> Iterator:
+def _connect_steps(bus: _Bus, deadline: float | None, opts: Mapping | None = None,
+                   timeout: float | None = None) -> Iterator:
+    """Return a socket connected to *bus*'s broker, electing this process its broker if
+    none runs.  Retries while nobody serves the path or its listen queue is full;
+    raises EventTimeout at *deadline* (*timeout* is what the caller asked for)."""
+    delay = 0.001
+    while True:
+        try:
+            sock = _connect(bus.path)
+        except OSError as exc:
+            raise BusClosedError(bus.path, f"cannot connect: {exc.strerror}") from exc
+        if sock is not None:
+            return sock
+        if not _start_broker(bus, opts) or delay > 0.001:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise EventTimeout(bus.path, timeout)
+            yield min(delay, max(0.0, deadline - time.monotonic())) if deadline else delay
+            delay = min(delay * 2, 0.02)
+        else:
+            delay *= 2             # a broker here, yet no socket: give it a moment
+
+
+def _control_steps(conn: "_Conn", ctl: str, deadline: float | None, events: Any,
+                   path: str, timeout: float | None = None) -> Iterator:
     """Wait for the control frame *ctl* on *conn*; return it, or None if the
     connection ends or the broker says bye first.  Events read meanwhile go to
     *events*.  Raises EventTimeout at *deadline*."""
     while not (conn.eof or conn.bye):
         remaining = _remaining(deadline)
         if remaining is not None and remaining <= 0:
-            raise EventTimeout(path, None)
+            raise EventTimeout(path, timeout, f"no answer ({ctl}) from the broker")
         if not (yield (conn.sock, False, remaining)):
             continue
         try:
@@ -1229,69 +2427,79 @@ def _control_steps(conn: "_Conn", ctl: str, deadline: float | None,
         except BlockingIOError:
             continue
         for msg in controls:
-            if msg.get("ctl") == ctl:
+            if msg["ctl"] == ctl:
                 return msg
+            if msg["ctl"] == "refused":
+                raise BusClosedError(path, f"the broker refused: {msg.get('reason')}")
     return None
 
 
 class _Conn:
     """One client connection: framing, control frames and hand-off, no policy.
 
-    Shared by the sync API and the asyncio face.  Not thread-safe.
+    Events go to the caller's queue as ``(tag, body, seq)``; the broker's notices of
+    missed events as ``(None, notice, seq)`` at the point of the hole.  Shared by the
+    sync API and the asyncio face.  Not thread-safe.
     """
 
-    __slots__ = ("sock", "frames", "bye", "eof", "gap", "dropped")
+    __slots__ = ("sock", "reader", "bye", "eof", "seq", "epoch")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.frames = _FrameBuffer()
+        self.reader = _FrameReader(MAX_FRAME_BYTES)
         self.bye = False          # the broker announced a hand-off
         self.eof = False          # the broker closed the connection
-        self.gap = False          # events may have been missed
-        self.dropped = 0          # events the broker dropped for us, not yet counted
+        self.seq = 0              # number of the last event received
+        self.epoch = None
 
-    def feed(self, chunk: bytes, events: collections.deque) -> list:
-        """Decode *chunk*; append events to *events*; return other control frames."""
-        if not chunk:
-            self.eof = True
-            if not self.bye:
-                self.gap = True
-            return []
-        try:
-            block = self.frames.feed(chunk)
-        except FrameError as exc:
-            log.warning("skipping an oversized frame from the broker: %s", exc)
-            return []
-        if not block:
-            return []
-        controls = []
-        for obj in _decode_lenient(block):
-            if obj.__class__ is dict and "ctl" not in obj:
-                events.append(obj)
-                continue
-            if obj.__class__ is not dict:
-                log.warning("skipping a frame that is not a JSON object: %.60r", obj)
-                continue
-            ctl = obj.get("ctl")
-            if ctl == "drop":
-                self.dropped += int(obj.get("n", 0))
-            elif ctl == "bye":
-                self.bye = True
-                try:
-                    self.sock.shutdown(socket.SHUT_WR)   # tells the broker we are done
-                except OSError:
-                    pass
-            else:
-                controls.append(obj)
-        return controls
+    def recv_into(self, events: Any) -> list:
+        """Read once without blocking; queue events; return other control frames.
 
-    def recv_into(self, events: collections.deque) -> list:
-        """Read once without blocking; return control frames (BlockingIOError if none)."""
+        Raises BlockingIOError if nothing is there, FrameError if the broker sent
+        something malformed.
+        """
+        reader = self.reader
+        if reader.need:
+            reader.alloc()
         try:
-            chunk = self.sock.recv(_RECV_BYTES)
+            frames = reader.read(self.sock, _RECV_BYTES)
         except (ConnectionResetError, BrokenPipeError):
-            chunk = b""
-        return self.feed(chunk, events)
+            frames = []
+            reader.eof = True
+        if reader.need:
+            reader.alloc()
+        controls = []
+        if frames:
+            view = memoryview(frames[0][2])
+            append = events.append
+            seq = self.seq
+            for kind, tag, data, _start, body, end in frames:
+                if kind == _EVENT:
+                    seq += 1
+                    append((tag, view[body:end], seq))
+                elif kind == _MARK:
+                    seq = _SEQ.unpack_from(data, body)[0] - 1
+                else:
+                    msg = _decode_control(view[body:end])
+                    ctl = msg["ctl"]
+                    if ctl == "drop" or ctl == "gap":
+                        append((None, msg, seq))
+                    elif ctl == "bye":
+                        self.bye = True
+                        try:
+                            self.sock.shutdown(socket.SHUT_WR)   # we are done here
+                        except OSError:
+                            pass
+                    else:
+                        if ctl == "ok" or ctl == "hello":
+                            self.epoch = msg.get("epoch")
+                            if ctl == "ok" and msg.get("seq").__class__ is int:
+                                seq = msg["seq"]
+                        controls.append(msg)
+            self.seq = seq
+        if reader.eof:
+            self.eof = True
+        return controls
 
     def handed_off(self) -> bool:
         """Return True if the broker said bye or went away (a firing connection)."""
@@ -1300,296 +2508,111 @@ class _Conn:
                 self.recv_into(collections.deque())
         except BlockingIOError:
             pass
-        except OSError:
+        except (OSError, FrameError):
             return True
         return self.eof or self.bye
 
-    def close(self) -> None:
+    def wake(self) -> None:
+        """End a wait on this connection in another thread (it sees EOF)."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.wake()
         self.sock.close()
 
 
-class SaltEvent:
-    """Listen to and fire events on one bus, with ``salt.utils.event.SaltEvent``'s API.
+# -- Client classes -----------------------------------------------------------
 
-    *node* ``'master'`` is the master bus of *sock_dir*; any other node is the minion
-    bus of ``opts['id']`` there.  With *listen* the object registers as a listener
-    before the constructor returns, so it sees every event fired after that.
 
-    A SaltEvent is not thread-safe: use one per thread.  ``fire_event`` and
-    ``destroy`` may be called from any thread; ``destroy`` ends a blocked
-    ``get_event`` or ``iter_events`` in another thread.  Do not share one across
-    ``fork()``.  With *io_loop* (an asyncio loop) the asyncio methods are available
-    too; they share this class's core (see the asyncio section).
+#: One stretch of events a listener did not get: sequence numbers *first* to *last*
+#: (``last`` None: unknown) of *epoch*, *count* of them (None: unknown), and why:
+#: ``backlog`` (dropped when it fell behind), ``memory`` (dropped to bound the
+#: broker), ``handoff`` (not kept through a hand-off), ``crash`` (the broker's process
+#: died), ``ring`` (older than the ring on a replay).
+Gap = collections.namedtuple("Gap", "first last count reason epoch")
 
-    :ivar dropped: events the broker dropped because this listener fell behind.
-    :ivar gaps: hand-offs after which events may have been missed.
-    """
+_MISSED_KEPT = 1000                    # Gap records an event object keeps
 
-    def __init__(self, node: str, sock_dir: str | None = None, opts: Mapping | None = None,
-                 listen: bool = True, io_loop: Any = None, keep_loop: bool = False,
-                 raise_errors: bool = False):
-        self._attached = None
-        self._pub = None
-        self._pull = None
-        self._closed = True                    # until the bus is attached below
-        self._lock = threading.Lock()          # guards the firing connection
-        self.node = node
-        self.opts = dict(_DEFAULT_OPTS)
-        if opts:
-            self.opts.update(opts)
-        self.raise_errors = raise_errors
-        self.io_loop = io_loop
-        self.keep_loop = keep_loop
-        self._own_loop = False
-        self._waiters = {}                     # asyncio futures waiting on our sockets
-        self._tasks = set()                    # asyncio tasks we started
-        self._handler = None
-        self._handler_fd = None                # the fd the handler's loop reader watches
-        self.pending_tags = []
-        self.pending_events = []
-        self.dropped = 0
-        self.gaps = 0
-        self._events = collections.deque()
-        self._bye_checked = 0.0
-        self._warn_after = 0.0
-        self._match_type = self.opts.get("event_match_type") or "startswith"
-        _get_matcher(self._match_type)
-        self._max_event_size = self.opts.get("max_event_size") or 0
-        self._backlog = int(self.opts.get("saltevent_backlog_bytes") or DEFAULT_BACKLOG_BYTES)
-        given_dir = sock_dir or self.opts.get("sock_dir")
-        self._master_sock_dir = self.opts.get("master_sock_dir") or given_dir
-        self.sock_dir = _resolve_sock_dir(given_dir, node)
-        self._bus = _Bus(self.sock_dir, _bus_name(node, self.opts))
-        self.puburi = self.pulluri = self._bus.path
-        if len(self._bus.path.encode()) > 100:
-            raise ValueError(f"socket path too long for AF_UNIX ({len(self._bus.path)} bytes): "
-                             f"{self._bus.path}")
-        _ensure_sock_dir(self.sock_dir)
-        _attach(self._bus)
-        self._attached = self._bus
-        self._closed = False
-        try:
-            if listen:
-                self.connect_pub(timeout=_CONNECT_TIMEOUT)
-        except BaseException:
-            self.destroy()
-            raise
 
-    # -- state derived from the connections (Salt's cpub / cpush flags)
+class _GapEvent(dict):
+    """The in-band notice of missed events that get_event returns (tag ``GAP_TAG``)."""
 
-    @property
-    def cpub(self) -> bool:
-        """True while the listening side is connected."""
-        return self._pub is not None
+    __slots__ = ()
 
-    @property
-    def cpush(self) -> bool:
-        """True while the firing side is connected."""
-        return self._pull is not None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+class _Pending(dict):
+    """A cached event (Salt's ``pending_events``) that remembers its sequence number."""
 
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("listening" if self._pub else "idle")
-        return f"<{type(self).__name__} bus={self._bus.path} {state}>"
+    __slots__ = ("seq",)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BusClosedError(self._bus.path, "the event object is closed")
 
-    # -- connections (steps shared by both faces)
+class _Slot:
+    """A connection that one call uses at a time; any thread may close it safely:
+    while a call uses it, closing only wakes that call, which closes it on return."""
 
-    def _subscribe_steps(self, deadline: float | None, resume: bool) -> Iterator:
-        """Return a connection registered as a listener (``resume`` after a hand-off).
+    __slots__ = ("conn", "busy", "doomed")
 
-        A connection closed before the broker's ``ok`` (it landed in a dying broker's
-        listen queue) is retried until *deadline*.
-        """
-        hello = _encode({"ctl": "sub", "backlog": self._backlog, "resume": resume})
-        while True:
-            conn = _Conn((yield from _connect_steps(self._bus, deadline)))
-            try:
-                conn.sock.sendall(hello)
-                msg = yield from _control_steps(conn, "ok", deadline, self._events,
-                                                 self._bus.path)
-                if msg is not None:
-                    if msg.get("gap"):
-                        self._note_gap("the new broker no longer holds the events")
-                    return conn
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except BaseException:
-                conn.close()
-                raise
-            conn.close()
-            log.debug("broker of %s closed before registering us; retrying", self._bus.path)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise EventTimeout(self._bus.path, None)
-            yield 0.001
+    def __init__(self):
+        self.conn = None
+        self.busy = False
+        self.doomed = False
 
-    def _listen_steps(self, deadline: float | None, auto_reconnect: bool) -> Iterator:
-        """Read one batch of events into the queue; return False at the deadline.
 
-        Re-subscribes transparently after a hand-off (counting a gap after a crash).
-        Raises BusClosedError if the bus is broken (and auto_reconnect gave up).
-        """
-        delay = 0.01
-        while True:
-            if self._closed:
+class _EventBase:
+    """State and plumbing shared by the listening, firing and asyncio parts."""
+
+    def _claim(self, slot: _Slot, deadline: float | None, gen: int) -> None:
+        """Wait until *slot* is free and take it; EventTimeout at *deadline*."""
+        with self._cond:
+            while slot.busy:
+                if self._gen != gen:
+                    raise BusClosedError(self._bus.path, "the event object was destroyed")
+                remaining = _remaining(deadline)
+                if remaining is not None and remaining <= 0:
+                    raise EventTimeout(self._bus.path, self._timeout_of(deadline),
+                                       "another thread is still using the connection")
+                self._cond.wait(remaining)
+            slot.busy = True
+
+    def _try_claim(self, slot: _Slot) -> bool:
+        with self._cond:
+            if slot.busy:
                 return False
-            if self._events:                   # e.g. replayed with a broker's ok
-                return True
-            conn = self._pub
-            try:
-                if conn is None:
-                    remaining = _remaining(deadline)
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self._pub = yield from self._subscribe_steps(deadline, resume=False)
-                    continue
-                if conn.eof:
-                    yield from self._resume_steps(deadline)
-                    continue
-                try:
-                    conn.recv_into(self._events)
-                except BlockingIOError:
-                    remaining = _remaining(deadline)
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    yield (conn.sock, False, remaining)
-                    continue
-                self._account(conn)
-                if self._events:
-                    return True
-            except (SaltEventError, OSError) as exc:
-                if self._closed:
-                    return False
-                if not auto_reconnect:
-                    raise BusClosedError(self._bus.path, str(exc)) from exc
-                self.close_pub()
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    return False
-                yield delay
-                delay = min(delay * 2, 0.5)
+            slot.busy = True
+            return True
 
-    def _resume_steps(self, deadline: float | None) -> Iterator:
-        """Replace a finished listening connection after a hand-off or a crash."""
-        conn = self._pub
+    def _unclaim(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.busy = False
+            conn = None
+            if slot.doomed:
+                slot.doomed = False
+                conn, slot.conn = slot.conn, None
+            self._cond.notify_all()
         if conn is not None:
-            if conn.gap:
-                self._note_gap("the broker's process died")
-            self.close_pub()
-        retry_by = time.monotonic() + _RECONNECT_TIMEOUT
-        if deadline is not None:
-            retry_by = max(min(retry_by, deadline), time.monotonic() + 0.05)
-        self._pub = yield from self._subscribe_steps(retry_by, resume=True)
-        log.debug("listener on %s resumed after a hand-off", self._bus.path)
+            self._forget_fd(conn.sock)
+            conn.close()
 
-    def _account(self, conn: _Conn) -> None:
-        """Count the events the broker told *conn* it dropped (warn at most once a second)."""
-        if conn.dropped:
-            lost, conn.dropped = conn.dropped, 0
-            self.dropped += lost
-            now = time.monotonic()
-            if now >= self._warn_after:
-                self._warn_after = now + 1.0
-                log.warning("listener on %s fell behind: the broker dropped %d events "
-                            "(%d in all)", self._bus.path, lost, self.dropped)
-
-    def _pull_steps(self, deadline: float | None) -> Iterator:
-        """Return the firing connection, connecting (and electing) if needed.
-
-        A new connection is used only once the broker greeted it: a connection
-        that landed on a broker about to leave is told ``bye`` (or reset) instead.
-        """
-        while self._pull is None:
-            conn = _Conn((yield from _connect_steps(self._bus, deadline)))
-            try:
-                msg = yield from _control_steps(conn, "hello", deadline, collections.deque(),
-                                                 self._bus.path)
-                if msg is not None:
-                    self._pull = conn
-                    self._bye_checked = time.monotonic()
-            except BaseException:
-                conn.close()
-                raise
-            if self._pull is None:
-                conn.close()
-                log.debug("broker of %s is leaving; firing at the next one", self._bus.path)
-        return self._pull
-
-    def _send_steps(self, frame: bytes, sent: int, deadline: float | None) -> Iterator:
-        """Send *frame* from offset *sent*, moving to the new broker after a hand-off.
-
-        A frame is only ever restarted from its beginning on a new connection.
-        """
-        attempts = 0
-        conn = self._pull
-        while True:
-            self._check_open()
-            if conn is None or sent == 0:
-                conn = yield from self._pull_steps(deadline)
-                now = time.monotonic()
-                if now - self._bye_checked >= _BYE_CHECK_INTERVAL:
-                    self._bye_checked = now
-                    if conn.handed_off():
-                        self._drop_pull(conn)
-                        conn = None
-                        continue
-            try:
-                sent += conn.sock.send(memoryview(frame)[sent:] if sent else frame)
-            except BlockingIOError:
-                pass
-            except (BrokenPipeError, ConnectionResetError):
-                if sent:
-                    self._drop_pull(conn)
-                    raise BusClosedError(self._bus.path, "the broker went away mid-event")
-                self._drop_pull(conn)          # the broker went away: on to the next one
-                conn = None
-                attempts += 1
-                if attempts > 3:
-                    if deadline is None or time.monotonic() >= deadline:
-                        raise BusClosedError(self._bus.path,
-                                             "the broker keeps closing the connection")
-                    yield 0.01
-                continue
-            if sent == len(frame):
-                return True
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0 or not (
-                    yield (conn.sock, True, remaining)):
-                self._drop_pull(conn)          # the broker discards the unfinished frame
-                raise EventTimeout(self._bus.path, None)
-
-    def _drop_pull(self, conn: _Conn) -> None:
-        if self._pull is conn:
-            self._pull = None
+    def _close_slot(self, slot: _Slot) -> None:
+        """Close *slot*'s connection now, or (while a call uses it) wake that call and let
+        it close the connection when it returns."""
+        with self._cond:
+            conn = slot.conn
+            if conn is None:
+                return
+            if slot.busy:
+                slot.doomed = True
+                conn.wake()
+                return
+            slot.conn = None
+        self._forget_fd(conn.sock)
         conn.close()
 
-    # -- connections (sync API)
-
-    def connect_pub(self, timeout: float | None = None) -> bool:
-        """Connect the listening side and register with the broker.
-
-        Returns True once the broker has registered this listener, False if no bus
-        could be reached within *timeout* seconds (None: wait as long as it takes).
-        With ``raise_errors`` a failure raises instead.
-        """
-        self._check_open()
-        if self._pub is not None:
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            self._pub = _drive(self._subscribe_steps(deadline, resume=False))
-        except (SaltEventError, OSError) as exc:
-            return self._failed("cannot listen", exc)
-        return True
+    def _timeout_of(self, deadline: float | None) -> float | None:
+        return getattr(self, "_asked_timeout", None)
 
     def _failed(self, what: str, exc: BaseException) -> bool:
         """Report a failure as Salt's boolean API does: log it and return False, or
@@ -1599,69 +2622,168 @@ class SaltEvent:
         log.warning("%s on %s: %s", what, self._bus.path, exc)
         return False
 
-    def close_pub(self) -> None:
-        """Close the listening side; events already received stay queued."""
-        conn, self._pub = self._pub, None
-        if conn is not None:
-            self._forget_fd(conn.sock)
-            conn.close()
+    def _forget_fd(self, sock: socket.socket) -> None:      # the asyncio part overrides it
+        pass
 
-    def connect_pull(self, timeout: float | None = 1) -> bool:
-        """Connect the firing side; True on success, False after *timeout* seconds."""
-        self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
+
+class _Listening(_EventBase):
+    """The listening side: registration, resume after a hand-off, the event queue,
+    matching, Salt's subscribe cache, and the accounting of missed events."""
+
+    @property
+    def _pub(self) -> _Conn | None:
+        return self._pub_slot.conn
+
+    def _subscribe_steps(self, deadline: float | None, gen: int) -> Iterator:
+        """Return a connection registered as a listener.
+
+        After a hand-off or a crash it resumes after the last event received; the
+        first time, it asks for the replay the opts want.  A connection closed before
+        the broker's ``ok`` (it landed in a leaving broker's queue) is retried until
+        *deadline*.
+        """
+        msg = {"ctl": "sub", "backlog": self._backlog, "lid": self._lid}
+        if self._filters is not None:
+            msg["tags"] = self._filters
+        if self._resume_from is not None:
+            msg.update(resume=True, since=self._resume_from[0], epoch=self._resume_from[1])
+        elif self._replay is not None:
+            msg.update(self._replay)
+        frame = _encode_control(msg)
+        timeout = self._timeout_of(deadline)
+        while True:
+            if self._gen != gen:
+                raise BusClosedError(self._bus.path, "the event object was destroyed")
+            conn = _Conn((yield from _connect_steps(self._bus, deadline, self.opts, timeout)))
             try:
-                _drive(self._pull_steps(deadline))
-            except (SaltEventError, OSError) as exc:
-                return self._failed("cannot fire", exc)
-            return True
-
-    def close_pull(self) -> None:
-        """Close the firing side."""
-        with self._lock:
-            conn, self._pull = self._pull, None
-        if conn is not None:
-            self._forget_fd(conn.sock)
+                conn.sock.send(frame)
+                ok = yield from _control_steps(conn, "ok", deadline, self._events,
+                                                self._bus.path, timeout)
+                if ok is not None:
+                    self._replay = None
+                    self._resume_from = None
+                    self.epoch = conn.epoch
+                    if self.last_seq is None:
+                        self.last_seq = ok.get("seq")
+                    return conn
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except BaseException:
+                conn.close()
+                raise
             conn.close()
+            log.debug("broker of %s closed before registering us; retrying", self._bus.path)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise EventTimeout(self._bus.path, timeout)
+            yield 0.001
 
-    def destroy(self) -> None:
-        """Close everything; idempotent.  A blocked get_event() in another thread returns."""
-        if self._closed:
-            return
-        self._closed = True
-        self._close_async()
-        self.close_pub()
-        self.close_pull()
-        bus, self._attached = self._attached, None
-        if bus is not None:
-            _detach(bus)
+    def _listen_steps(self, deadline: float | None, auto_reconnect: bool, gen: int) -> Iterator:
+        """Read one batch of events into the queue; return False at the deadline.
 
-    close = destroy
+        Resumes transparently after a hand-off (the new broker says what was missed).
+        Raises BusClosedError if the bus is broken (and auto_reconnect gave up).
+        """
+        delay = 0.01
+        slot = self._pub_slot
+        while True:
+            if self._gen != gen:
+                return False
+            if self._events:
+                return True
+            conn = slot.conn
+            try:
+                if conn is None:
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    conn = yield from self._subscribe_steps(deadline, gen)
+                    slot.conn = conn
+                    continue
+                if conn.eof:
+                    self._resume_from = (conn.seq, conn.epoch)
+                    slot.conn = None
+                    self._forget_fd(conn.sock)
+                    conn.close()
+                    retry_by = time.monotonic() + _RECONNECT_TIMEOUT
+                    if deadline is not None:
+                        retry_by = max(min(retry_by, deadline), time.monotonic() + 0.05)
+                    slot.conn = yield from self._subscribe_steps(retry_by, gen)
+                    log.debug("listener on %s resumed after a hand-off", self._bus.path)
+                    continue
+                try:
+                    conn.recv_into(self._events)
+                except BlockingIOError:
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    yield (conn.sock, False, remaining)
+                    continue
+                if self._events:
+                    return True
+            except (SaltEventError, OSError) as exc:
+                if self._gen != gen:
+                    return False
+                conn = slot.conn
+                if conn is not None:
+                    if self._resume_from is None:
+                        self._resume_from = (conn.seq, conn.epoch)
+                    slot.conn = None
+                    self._forget_fd(conn.sock)
+                    conn.close()
+                if not auto_reconnect:
+                    raise BusClosedError(self._bus.path, str(exc)) from exc
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    return False
+                yield delay
+                delay = min(delay * 2, 0.5)
 
-    def __enter__(self) -> SaltEvent:
-        return self
+    def _note(self, notice: dict) -> dict | None:
+        """Account for a broker notice of missed events; return its in-band gap event
+        when the opts ask for one."""
+        count, first, last = notice.get("n"), notice.get("first"), notice.get("last")
+        reason = str(notice.get("reason"))
+        if count.__class__ is not int or count < 0:
+            count = None
+        epoch = notice.get("epoch", self.epoch)
+        if notice["ctl"] == "drop" or reason == "handoff":
+            self.dropped += count or 0
+            now = time.monotonic()
+            if now >= self._warn_after:
+                self._warn_after = now + 1.0
+                log.warning("listener on %s missed %s events (%s), %d dropped in all",
+                            self._bus.path, count, reason, self.dropped)
+        elif reason == "crash":
+            self.gaps += 1
+            log.warning("listener on %s may have missed events: the broker's process died",
+                        self._bus.path)
+        else:
+            log.info("listener on %s: %s events %s-%s are no longer on the bus (%s)",
+                     self._bus.path, count, first, last, reason)
+        gap = Gap(first, last, count, reason, epoch)
+        self.missed.append(gap)
+        if self._on_gap is not None:
+            self._on_gap(gap)
+        if not self._gap_events:
+            return None
+        return _GapEvent(self._full(GAP_TAG, dict(gap._asdict()), None))
 
-    def __exit__(self, *exc_info) -> None:
-        self.destroy()
+    def _full(self, tag: str, data: dict, seq: int | None) -> dict:
+        if self._seq_keys:
+            return {"tag": tag, "data": data, "seq": seq, "epoch": self.epoch}
+        return {"tag": tag, "data": data}
 
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-        self._closed = True
-        for conn in (self._pub, self._pull):
-            if conn is not None:
-                conn.sock.close()
-        bus, self._attached = self._attached, None
-        if bus is not None:
-            _detach(bus, wait=False)
-
-    # -- listening
-
-    def _note_gap(self, why: str) -> None:
-        self.gaps += 1
-        log.warning("listener on %s may have missed events: %s", self._bus.path, why)
+    def _decoded(self, tag: str, body: Any, seq: int) -> dict | None:
+        try:
+            data = _decode_data(body)
+        except FrameError as exc:
+            self.malformed += 1
+            now = time.monotonic()
+            if now >= self._bad_warn_after:
+                self._bad_warn_after = now + 1.0
+                log.warning("Event with bad payload received from '%s': %s (%d skipped)",
+                            tag, exc, self.malformed)
+            return None
+        return self._full(tag, data, seq)
 
     def _check_pending(self, tag: str, match: Callable) -> dict | None:
         """Return the first cached event matching *tag*.
@@ -1681,24 +2803,39 @@ class SaltEvent:
                     self.pending_events.append(event)
             elif any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags):
                 self.pending_events.append(event)
-        return found
+        if found is None:
+            return None
+        self.last_seq = found.seq
+        return dict(found)
 
     def _take(self, tag: str, match: Callable) -> dict | None:
-        """Return the first queued event matching *tag*; cache subscribed ones on the way."""
+        """Return the first queued event matching *tag* (or an in-band gap event); cache
+        subscribed ones on the way."""
         events = self._events
         pending_tags = self.pending_tags
         while events:
-            event = events.popleft()
-            etag = event["tag"]
+            etag, body, seq = events.popleft()
+            if etag is None:
+                gap = self._note(body)
+                if gap is not None:
+                    return gap
+                continue
             if match(etag, tag):
-                return event
-            if pending_tags and any(pmatch(etag, ptag) for ptag, pmatch in pending_tags):
-                self.pending_events.append(event)
+                event = self._decoded(etag, body, seq)
+                if event is not None:
+                    self.last_seq = seq
+                    return event
+            elif pending_tags and any(pmatch(etag, ptag) for ptag, pmatch in pending_tags):
+                event = self._decoded(etag, body, seq)
+                if event is not None:
+                    cached = _Pending(event)
+                    cached.seq = seq
+                    self.pending_events.append(cached)
         return None
 
     def _get_event_steps(self, timeout: float | None, tag: str, match: Callable,
-                         auto_reconnect: bool) -> Iterator:
-        """Return the next event matching *tag*, or None at the deadline or when closed."""
+                         auto_reconnect: bool, gen: int) -> Iterator:
+        """Return the next event matching *tag*, or None at the deadline or when destroyed."""
         event = self._check_pending(tag, match)
         if event is not None:
             return event
@@ -1710,7 +2847,7 @@ class SaltEvent:
             if deadline is not None and time.monotonic() >= deadline and timeout > 0:
                 return None
             try:
-                if not (yield from self._listen_steps(deadline, auto_reconnect)):
+                if not (yield from self._listen_steps(deadline, auto_reconnect, gen)):
                     return None
             except BusClosedError as exc:
                 if self.raise_errors:
@@ -1719,13 +2856,43 @@ class SaltEvent:
                 return None
 
     @staticmethod
-    def _timeout(wait: float | None, no_block: bool = False) -> float | None:
+    def _wait_timeout(wait: float | None, no_block: bool = False) -> float | None:
         """Translate Salt's ``wait`` (seconds, 0 = for ever) to a timeout."""
         if no_block:
             return 0.0
         if wait == 0 or wait is None:
             return None
         return float(wait)
+
+    def connect_pub(self, timeout: float | None = None) -> bool:
+        """Connect the listening side and register with the broker.
+
+        Returns True once the broker has registered this listener, False if no bus
+        could be reached within *timeout* seconds (None: wait as long as it takes).
+        With ``raise_errors`` a failure raises instead.  After destroy() it listens again.
+        """
+        self._open()
+        slot = self._pub_slot
+        if slot.conn is not None:
+            return True
+        gen = self._gen
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._asked_timeout = timeout
+        try:
+            self._claim(slot, deadline, gen)
+            try:
+                if slot.conn is None:
+                    slot.conn = _drive(self._subscribe_steps(deadline, gen), self._wake)
+            finally:
+                self._unclaim(slot)
+        except (SaltEventError, OSError) as exc:
+            return self._failed("cannot listen", exc)
+        return True
+
+    def close_pub(self) -> None:
+        """Close the listening side; events already received stay queued."""
+        self._resume_from = None
+        self._close_slot(self._pub_slot)
 
     def get_event(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                   match_type: str | None = None, no_block: bool = False,
@@ -1748,34 +2915,64 @@ class SaltEvent:
         if self._events and not self.pending_events:     # the fast path: one queued
             event = self._take(tag, match)
         if event is None:
-            event = _drive(self._get_event_steps(self._timeout(wait, no_block), tag, match,
-                                                 auto_reconnect))
+            event = self._get_event_blocking(self._wait_timeout(wait, no_block), tag, match,
+                                             auto_reconnect)
         if event is None or full:
             return event
         return event["data"]
 
+    def _get_event_blocking(self, timeout: float | None, tag: str, match: Callable,
+                            auto_reconnect: bool, gen: int | None = None) -> dict | None:
+        if gen is None:
+            self._open()
+            gen = self._gen
+        elif gen != self._gen:
+            return None
+        slot = self._pub_slot
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._asked_timeout = timeout
+        try:
+            self._claim(slot, deadline, gen)
+        except SaltEventError:
+            return None
+        try:
+            return _drive(self._get_event_steps(timeout, tag, match, auto_reconnect, gen),
+                          self._wake)
+        finally:
+            self._unclaim(slot)
+
     def iter_events(self, tag: str = "", full: bool = False, match_type: str | None = None,
                     auto_reconnect: bool = False) -> Iterator[dict]:
-        """Yield matching events for ever; the iterator ends when the object is closed.
+        """Yield matching events for ever; the iterator ends when the object is destroyed.
 
         It always reconnects (as with *auto_reconnect*): an endless iterator has no
         deadline at which to give up.
         """
-        while not self._closed:
-            data = self.get_event(wait=0, tag=tag, full=full, match_type=match_type,
-                                  auto_reconnect=True)
-            if data is not None:
-                yield data
+        match = _get_matcher(match_type or self._match_type)
+        self._open()
+        gen = self._gen
+        while self._gen == gen:
+            event = self._check_pending(tag, match) or self._take(tag, match)
+            if event is None:
+                event = self._get_event_blocking(None, tag, match, True, gen)
+            if event is not None:
+                yield event if full else event["data"]
 
     def _raw_event(self, timeout: float | None) -> dict | None:
+        self._open()
+        gen = self._gen
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            if self._events or _drive(self._listen_steps(deadline, False)):
-                return self._events.popleft()
-        except BusClosedError:
-            if self.raise_errors:
-                raise
-        return None
+        while True:
+            event = self._take("", _match_startswith) if self._events else None
+            if event is not None:
+                return {"data": event["data"], "tag": event["tag"]}
+            try:
+                if not _drive(self._listen_steps(deadline, False, gen), self._wake):
+                    return None
+            except BusClosedError:
+                if self.raise_errors:
+                    raise
+                return None
 
     def get_event_noblock(self) -> dict | None:
         """Return the next raw event ``{'data', 'tag'}`` if one is here, else None."""
@@ -1794,42 +2991,153 @@ class SaltEvent:
     def unsubscribe(self, tag: str | None, match_type: str | None = None) -> None:
         """Stop keeping *tag*'s events; drop cached events no subscription still wants.
 
-        :raises ValueError: *tag* is not subscribed with that match type (as in Salt).
+        A tag that is not subscribed is ignored, as Salt 3008 does.
         """
         if tag is None:
             return
-        match_type = match_type or self._match_type
         try:
-            self.pending_tags.remove([tag, _get_matcher(match_type)])
+            self.pending_tags.remove([tag, _get_matcher(match_type or self._match_type)])
         except ValueError:
-            raise ValueError(f"tag {tag!r} is not subscribed with match_type "
-                             f"{match_type!r}") from None
+            pass
         self.pending_events = [
             event for event in self.pending_events
             if any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags)
         ]
 
-    # -- firing
+
+class _Firing(_EventBase):
+    """The firing side: its connection, framing an event, sending it whole."""
+
+    @property
+    def _pull(self) -> _Conn | None:
+        return self._pull_slot.conn
+
+    def _pull_steps(self, deadline: float | None) -> Iterator:
+        """Return the firing connection, connecting (and electing) if needed.
+
+        A new connection is used only once the broker greeted it: a connection that
+        landed on a broker about to leave is told ``bye`` (or reset) instead.
+        """
+        slot = self._pull_slot
+        timeout = self._timeout_of(deadline)
+        while slot.conn is None:
+            conn = _Conn((yield from _connect_steps(self._bus, deadline, self.opts, timeout)))
+            try:
+                msg = yield from _control_steps(conn, "hello", deadline, collections.deque(),
+                                                 self._bus.path, timeout)
+            except BaseException:
+                conn.close()
+                raise
+            if msg is None:
+                conn.close()
+                log.debug("broker of %s is leaving; firing at the next one", self._bus.path)
+                continue
+            slot.conn = conn
+            self._bye_checked = time.monotonic()
+        return slot.conn
+
+    def _send_steps(self, frame: bytes, sent: int, deadline: float | None, gen: int) -> Iterator:
+        """Send *frame* from offset *sent*, moving to the next broker after a hand-off.
+
+        A broker never relays an unfinished frame, so a frame cut off by a hand-off or
+        a crash is sent again whole, to the next broker.
+        """
+        slot = self._pull_slot
+        timeout = self._timeout_of(deadline)
+        failures = 0
+        while True:
+            if self._gen != gen or slot.doomed:
+                raise BusClosedError(self._bus.path, "the event object was destroyed")
+            conn = slot.conn
+            if conn is None or sent == 0:
+                conn = yield from self._pull_steps(deadline)
+                now = time.monotonic()
+                if now - self._bye_checked >= _BYE_CHECK_INTERVAL:
+                    self._bye_checked = now
+                    if conn.handed_off():
+                        self._drop_pull(conn)
+                        continue
+            try:
+                sent += conn.sock.send(memoryview(frame)[sent:] if sent else frame)
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                self._drop_pull(conn)          # the broker went away: on to the next one
+                sent = 0
+                failures += 1
+                if failures > 3:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise EventTimeout(self._bus.path, timeout, "event not sent: no "
+                                           "broker kept the connection") from None
+                    yield 0.01
+                continue
+            if sent == len(frame):
+                return True
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0 or not (
+                    yield (conn.sock, True, remaining)):
+                self._drop_pull(conn)          # the broker discards the unfinished frame
+                raise EventTimeout(self._bus.path, timeout, "event not sent: the broker "
+                                   "did not take it")
+
+    def _drop_pull(self, conn: _Conn) -> None:
+        slot = self._pull_slot
+        if slot.conn is conn:
+            slot.conn = None
+        self._forget_fd(conn.sock)
+        conn.close()
+
+    def connect_pull(self, timeout: float | None = 1) -> bool:
+        """Connect the firing side; True on success, False after *timeout* seconds."""
+        self._open()
+        gen = self._gen
+        slot = self._pull_slot
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._asked_timeout = timeout
+        try:
+            self._claim(slot, deadline, gen)
+            try:
+                _drive(self._pull_steps(deadline), self._wake)
+            finally:
+                self._unclaim(slot)
+        except (SaltEventError, OSError) as exc:
+            return self._failed("cannot fire", exc)
+        return True
+
+    def close_pull(self) -> None:
+        """Close the firing side."""
+        self._close_slot(self._pull_slot)
 
     @classmethod
     def pack(cls, tag: str, data: Any, max_size: int | None = None) -> bytes:
         """Return the wire frame of one event; with *max_size*, trim *data* as Salt does."""
-        frame = _encode_event(tag, data)
-        if max_size and isinstance(data, dict) and len(frame) > max_size:
+        raw_tag = _encode_tag(tag)
+        body = _encode_body(data)
+        if max_size and isinstance(data, dict) and len(body) > max_size:
             data = dict(data)
             _trim(data, max_size)
-            frame = _encode_event(tag, data)
-        return frame
+            body = _encode_body(data)
+        return _HDR.pack(_EVENT, 0, len(raw_tag), len(body)) + raw_tag + body
 
     @classmethod
     def unpack(cls, raw: bytes | str) -> tuple:
         """Return ``(tag, data)`` from one frame made by pack()."""
         if isinstance(raw, str):
-            raw = raw.encode()
-        obj = _decode_one(raw.rstrip(b"\n"))
-        if obj.__class__ is not dict or "tag" not in obj:
+            raw = raw.encode("utf-8", "surrogateescape")
+        if len(raw) < _HDR_SIZE:
             raise FrameError("frame is not an event", raw)
-        return obj["tag"], obj.get("data")
+        kind, flags, taglen, bodylen = _HDR.unpack_from(raw)
+        if kind != _EVENT or flags or len(raw) != _HDR_SIZE + taglen + bodylen:
+            raise FrameError("frame is not an event", raw)
+        try:
+            tag = raw[_HDR_SIZE:_HDR_SIZE + taglen].decode()
+            text = raw[_HDR_SIZE + taglen:].decode()
+            data, end = _scan_once(text, 0)
+        except (ValueError, StopIteration, RecursionError):
+            raise FrameError("frame is not an event", raw) from None
+        if end != len(text):
+            raise FrameError("frame is not an event", raw)
+        return tag, data
 
     def _frame(self, data: Mapping, tag: str) -> bytes:
         """Validate, stamp, trim and encode one event (the caller's dict is not changed)."""
@@ -1839,37 +3147,51 @@ class SaltEvent:
             raise ValueError("Empty tag.")
         if data.__class__ is not dict and not isinstance(data, Mapping):
             raise ValueError(f"Dict object expected, not '{data}'.")
+        raw_tag = _encode_tag(tag)
         data = dict(data)
         data["_stamp"] = _stamp()
-        frame = _encode_event(tag, data)
+        body = _encode_body(data)
         limit = self._max_event_size
-        if limit and len(frame) - len(tag) > limit:
+        if limit and len(body) > limit:
             trimmed = _trim(data, limit)
             log.warning("event %s is over max_event_size (%d bytes): trimmed %s",
                         tag, limit, ", ".join(map(str, trimmed)) or "nothing")
-            frame = _encode_event(tag, data)
-        if len(frame) > MAX_FRAME_BYTES:
-            raise ValueError(f"event {tag!r} is {len(frame)} bytes; the bus carries at most "
+            body = _encode_body(data)
+        size = _HDR_SIZE + len(raw_tag) + len(body)
+        if size > MAX_FRAME_BYTES:
+            raise ValueError(f"event {tag!r} is {size} bytes; the bus carries at most "
                              f"{MAX_FRAME_BYTES}")
-        return frame
+        return _HDR.pack(_EVENT, 0, len(raw_tag), len(body)) + raw_tag + body
 
     def _send(self, frame: bytes, timeout: float | None) -> bool:
         """Send one frame; False (or raise with raise_errors) if not within *timeout*."""
-        with self._lock:
-            conn = self._pull
-            sent = 0
-            if conn is not None and time.monotonic() - self._bye_checked < _BYE_CHECK_INTERVAL:
-                try:                            # the fast path: one send() on a fresh check
+        slot = self._pull_slot
+        sent = 0
+        with self._cond:                        # the fast path: one send() on a fresh check
+            conn = slot.conn
+            if (conn is not None and not slot.busy and self._attached is not None
+                    and time.monotonic() - self._bye_checked < _BYE_CHECK_INTERVAL):
+                try:
                     sent = conn.sock.send(frame)
-                    if sent == len(frame):
-                        return True
                 except OSError:
                     sent = 0
-            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+                if sent == len(frame):
+                    return True
+                if sent:
+                    slot.busy = True            # the rest must follow on this connection
+        self._open()
+        gen = self._gen
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        self._asked_timeout = timeout
+        try:
+            if not sent:
+                self._claim(slot, deadline, gen)
             try:
-                return _drive(self._send_steps(frame, sent, deadline))
-            except (SaltEventError, OSError) as exc:
-                return self._failed("event not sent", exc)
+                return _drive(self._send_steps(frame, sent, deadline, gen), self._wake)
+            finally:
+                self._unclaim(slot)
+        except (SaltEventError, OSError) as exc:
+            return self._failed("event not sent", exc)
 
     def fire_event(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire *data* under *tag* on this bus.
@@ -1960,18 +3282,35 @@ class SaltEvent:
                 self.fire_event(data, tagify([load.get("jid"), "sub", load.get("id"), "error", fun],
                                              "job"))
 
-    # -- asyncio face: the same steps, driven by the event loop
+
+def _asyncio_loop(io_loop: Any) -> Any:
+    """Return the asyncio loop of *io_loop*: an asyncio loop, or a Tornado IOLoop (what
+    Salt code passes), whose ``asyncio_loop`` is used; tornado is never imported."""
+    if io_loop is None:
+        return None
+    loop = getattr(io_loop, "asyncio_loop", io_loop)
+    if not all(hasattr(loop, name) for name in ("create_future", "add_reader",
+                                                   "call_soon_threadsafe", "is_closed")):
+        raise TypeError("io_loop must be an asyncio event loop or a Tornado IOLoop, not "
+                        f"{type(io_loop).__name__}")
+    return loop
+
+
+class _AsyncFace(_EventBase):
+    """The asyncio face: the same steps, driven by the event loop."""
 
     def _loop(self) -> Any:
-        """Return the asyncio loop: io_loop, else the running one, else a new one we own."""
-        if self.io_loop is None:
+        """Return the asyncio loop: io_loop's, else the running one, else a new one we own."""
+        if self._aloop is None:
             import asyncio
             try:
-                self.io_loop = asyncio.get_running_loop()
+                self._aloop = asyncio.get_running_loop()
             except RuntimeError:
-                self.io_loop = asyncio.new_event_loop()
+                self._aloop = asyncio.new_event_loop()
                 self._own_loop = True
-        return self.io_loop
+            if self.io_loop is None:
+                self.io_loop = self._aloop
+        return self._aloop
 
     async def _drive_async(self, steps: Iterator) -> Any:
         """Run a steps generator on the event loop; return its value."""
@@ -1994,7 +3333,7 @@ class SaltEvent:
         """Wait on the loop until *sock* is ready; False on timeout.  destroy() wakes it."""
         loop = self._loop()
         fd = sock.fileno()
-        if fd < 0 or self._closed:
+        if fd < 0 or self._attached is None:
             return True
         future = loop.create_future()
 
@@ -2013,6 +3352,20 @@ class SaltEvent:
             if self._waiters.pop(future, None) is not None:
                 (loop.remove_writer if write else loop.remove_reader)(fd)
 
+    async def _claim_async(self, slot: _Slot, deadline: float | None, gen: int) -> None:
+        """Take *slot* without blocking the loop (another thread or task may hold it)."""
+        import asyncio
+        delay = 0.0005
+        while not self._try_claim(slot):
+            if self._gen != gen:
+                raise BusClosedError(self._bus.path, "the event object was destroyed")
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise EventTimeout(self._bus.path, self._timeout_of(deadline),
+                                   "another caller is still using the connection")
+            await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * 2, 0.02)
+
     def _forget_fd(self, sock: socket.socket) -> None:
         """Stop the loop watching *sock* before it is closed."""
         fd = sock.fileno()
@@ -2021,7 +3374,7 @@ class SaltEvent:
 
     def _release_loop(self, fd: int | None = None) -> None:
         """Wake the waiters on *fd* (on every fd if None) and drop the handler's reader."""
-        loop = self.io_loop
+        loop = self._aloop
         if loop is None or loop.is_closed():
             return
         for future, (wfd, write) in list(self._waiters.items()):
@@ -2034,14 +3387,14 @@ class SaltEvent:
             self._call_in_loop(loop.remove_reader, handler_fd)
 
     def _wake_waiter(self, future: Any, fd: int, write: bool) -> None:
-        (self.io_loop.remove_writer if write else self.io_loop.remove_reader)(fd)
+        (self._aloop.remove_writer if write else self._aloop.remove_reader)(fd)
         if not future.done():
             future.set_result(True)
 
     def _call_in_loop(self, func: Callable, *args: Any) -> None:
         """Call *func* now if on the loop's thread (or the loop is idle), else soon, safely."""
         import asyncio
-        loop = self.io_loop
+        loop = self._aloop
         if asyncio._get_running_loop() is loop or not loop.is_running():
             func(*args)
         else:
@@ -2049,7 +3402,7 @@ class SaltEvent:
 
     def _close_async(self) -> None:
         """Wake every waiter, cancel our tasks, close the loop if we made it."""
-        loop = self.io_loop
+        loop = self._aloop
         if loop is None or loop.is_closed():
             return
         self._release_loop()
@@ -2078,7 +3431,6 @@ class SaltEvent:
         raises is logged with its traceback and later events still come.
         """
         loop = self._loop()
-        self._check_open()
         if self._pub is None and not self.connect_pub(timeout=_CONNECT_TIMEOUT):
             raise BusClosedError(self._bus.path, "cannot listen")
         self._handler = handler
@@ -2092,15 +3444,14 @@ class SaltEvent:
 
     def _on_handler_readable(self) -> None:
         conn = self._pub
-        if conn is None or self._closed:
+        if conn is None or self._attached is None:
             return
         try:
             conn.recv_into(self._events)
         except BlockingIOError:
             return
-        except OSError:
+        except (OSError, FrameError):
             conn.eof = True
-        self._account(conn)
         if conn.eof:
             self._release_loop(self._handler_fd)
             self._spawn(self._handler_resume())
@@ -2109,44 +3460,67 @@ class SaltEvent:
     def _dispatch(self) -> None:
         import inspect
         events = self._events
-        while events and self._handler is not None and not self._closed:
-            event = events.popleft()
-            raw = _encode(event)
+        while events and self._handler is not None and self._attached is not None:
+            tag, body, seq = events.popleft()
+            if tag is None:
+                gap = self._note(body)
+                if gap is None:
+                    continue
+                raw = _encode_event(gap["tag"], gap["data"])
+            else:
+                raw_tag = tag.encode()
+                raw = _HDR.pack(_EVENT, 0, len(raw_tag), len(body)) + raw_tag + body
+                self.last_seq = seq
             try:
                 result = self._handler(raw)
             except Exception:
-                log.exception("event handler on %s raised on %s", self._bus.path, event["tag"])
+                log.exception("event handler on %s raised on %s", self._bus.path, tag)
                 continue
             if inspect.isawaitable(result):
                 self._spawn(result)
 
     async def _handler_resume(self) -> None:
-        """Re-subscribe the handler's connection after a hand-off."""
+        """Register the handler's connection again after a hand-off."""
         import asyncio
         delay = 0.01
-        while not self._closed:
+        gen = self._gen
+        slot = self._pub_slot
+        while self._gen == gen:
+            conn = slot.conn
+            if conn is not None and conn.eof:
+                self._resume_from = (conn.seq, conn.epoch)
+                slot.conn = None
+                conn.close()
             try:
-                await self._drive_async(self._resume_steps(None))
+                deadline = time.monotonic() + _RECONNECT_TIMEOUT
+                slot.conn = await self._drive_async(self._subscribe_steps(deadline, gen))
             except (SaltEventError, OSError) as exc:
                 log.warning("listener on %s cannot resume yet: %s", self._bus.path, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            if not self._closed:
-                self._watch_for_handler(self.io_loop)
+            if self._gen == gen:
+                self._watch_for_handler(self._aloop)
                 self._dispatch()
             return
 
     async def fire_event_async(self, data: Mapping, tag: str, cb: Callable | None = None,
                                timeout: float | None = 1000) -> bool:
-        """Fire like fire_event(), without blocking the loop.
+        """Fire like fire_event(), without blocking the loop; safe from many tasks at once.
 
         *cb* is accepted for compatibility and not called, as in Salt.
         """
         frame = self._frame(data, tag)
+        self._open()
+        gen = self._gen
+        slot = self._pull_slot
         deadline = None if timeout is None else time.monotonic() + max(timeout / 1000.0, 0.0)
         try:
-            return await self._drive_async(self._send_steps(frame, 0, deadline))
+            await self._claim_async(slot, deadline, gen)
+            try:
+                return await self._drive_async(self._send_steps(frame, 0, deadline, gen))
+            finally:
+                self._unclaim(slot)
         except (SaltEventError, OSError) as exc:
             return self._failed("event not sent", exc)
 
@@ -2154,26 +3528,243 @@ class SaltEvent:
         if self._handler is not None:
             raise RuntimeError("set_event_handler() already consumes this object's events")
 
+    async def _get_event_async(self, timeout: float | None, tag: str, match: Callable,
+                               auto_reconnect: bool, gen: int) -> dict | None:
+        slot = self._pub_slot
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            await self._claim_async(slot, deadline, gen)
+        except SaltEventError:
+            return None
+        try:
+            return await self._drive_async(self._get_event_steps(timeout, tag, match,
+                                                                 auto_reconnect, gen))
+        finally:
+            self._unclaim(slot)
+
     async def get_event_async(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                               match_type: str | None = None) -> dict | None:
         """Return like get_event(), awaiting on the loop; ``wait`` is the same hard deadline."""
         self._check_no_handler()
         match = _get_matcher(match_type or self._match_type)
-        event = await self._drive_async(self._get_event_steps(self._timeout(wait), tag, match,
-                                                              False))
+        self._open()
+        event = await self._get_event_async(self._wait_timeout(wait), tag, match, False,
+                                            self._gen)
         if event is None or full:
             return event
         return event["data"]
 
     async def aiter_events(self, tag: str = "", full: bool = False,
                            match_type: str | None = None) -> Any:
-        """Yield matching events as an async iterator; it ends when the object is closed."""
+        """Yield matching events as an async iterator; it ends when the object is destroyed."""
         self._check_no_handler()
         match = _get_matcher(match_type or self._match_type)
-        while not self._closed:
-            event = await self._drive_async(self._get_event_steps(None, tag, match, True))
+        self._open()
+        gen = self._gen
+        while self._gen == gen:
+            event = await self._get_event_async(None, tag, match, True, gen)
             if event is not None:
                 yield event if full else event["data"]
+
+
+class SaltEvent(_Listening, _Firing, _AsyncFace):
+    """Listen to and fire events on one bus, with ``salt.utils.event.SaltEvent``'s API.
+
+    *node* ``'master'`` is the master bus of *sock_dir*; any other node is the minion
+    bus of ``opts['id']`` there.  With *listen* the object registers as a listener
+    before the constructor returns, so it sees every event fired after that.
+
+    Threads: one thread at a time listens (get_event, iter_events).  ``fire_event``
+    may be called from any number of threads and asyncio tasks at once: frames are
+    never interleaved.  ``destroy`` may be called from any thread; it returns at once
+    and wakes every blocked call on the object.  As in Salt, a destroyed object may be
+    used again (it reconnects).  Do not share one across ``fork()``.  With *io_loop*
+    (an asyncio loop, or a Tornado IOLoop) the asyncio methods are available too.
+
+    :ivar dropped: events the broker dropped because this listener fell behind.
+    :ivar gaps: hand-offs after a crash, after which events may have been missed.
+    :ivar missed: the last 1,000 stretches of missed events, as :class:`Gap` records.
+    :ivar last_seq: the sequence number of the last event returned.
+    :ivar epoch: the numbering's epoch (it changes when a broker's process dies).
+    """
+
+    def __init__(self, node: str, sock_dir: str | None = None, opts: Mapping | None = None,
+                 listen: bool = True, io_loop: Any = None, keep_loop: bool = False,
+                 raise_errors: bool = False):
+        self._attached = None
+        self._gen = 0
+        self._cond = threading.Condition(threading.Lock())   # guards the slots' state
+        self._wake = threading.Event()        # set by destroy(): ends sleeps in _drive
+        self._pub_slot = _Slot()
+        self._pull_slot = _Slot()
+        self.node = node
+        self.opts = dict(_DEFAULT_OPTS)
+        if opts:
+            self.opts.update(opts)
+        self.raise_errors = raise_errors
+        self._aloop = _asyncio_loop(io_loop)
+        self.io_loop = io_loop
+        self.keep_loop = keep_loop
+        self._own_loop = False
+        self._waiters = {}                     # asyncio futures waiting on our sockets
+        self._tasks = set()                    # asyncio tasks we started
+        self._handler = None
+        self._handler_fd = None                # the fd the handler's loop reader watches
+        self.pending_tags = []
+        self.pending_events = []
+        self.dropped = 0
+        self.gaps = 0
+        self.malformed = 0
+        self.missed = collections.deque(maxlen=_MISSED_KEPT)
+        self.last_seq = None
+        self.epoch = None
+        self._events = collections.deque()
+        self._bye_checked = 0.0
+        self._warn_after = 0.0
+        self._bad_warn_after = 0.0
+        self._resume_from = None               # (seq, epoch) to resume after, if any
+        self._on_gap = None                    # called with each Gap (the CLI prints it)
+        self._lid = os.urandom(8).hex()
+        self._match_type = self.opts.get("event_match_type") or "startswith"
+        _get_matcher(self._match_type)
+        self._max_event_size = self.opts.get("max_event_size") or 0
+        self._read_listener_opts()
+        given_dir = sock_dir or self.opts.get("sock_dir")
+        self._master_sock_dir = self.opts.get("master_sock_dir") or given_dir
+        self.sock_dir = _resolve_sock_dir(given_dir, node)
+        self._bus = _Bus(self.sock_dir, _bus_name(node, self.opts))
+        self.puburi = self.pulluri = self._bus.path
+        limit = _sun_path_max()
+        if len(os.fsencode(self._bus.path)) > limit:
+            raise ValueError(f"socket path too long for AF_UNIX ({len(os.fsencode(self._bus.path))} "
+                             f"bytes, at most {limit} here): {self._bus.path}")
+        _ensure_sock_dir(self.sock_dir)
+        self._open()
+        try:
+            if listen:
+                self._listen_now()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _read_listener_opts(self) -> None:
+        """Read saltevent's own listener keys from opts (see SALTEVENT_OPTS)."""
+        opts = self.opts
+        backlog = opts.get("saltevent_backlog_bytes") or DEFAULT_BACKLOG_BYTES
+        if backlog.__class__ is not int or backlog <= 0:
+            raise ValueError(f"opts['saltevent_backlog_bytes'] must be a positive int, not "
+                             f"{backlog!r}")
+        self._backlog = backlog
+        tags = opts.get("saltevent_tags")
+        if isinstance(tags, str):
+            tags = [tags]
+        if tags is not None:
+            if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+                raise TypeError("opts['saltevent_tags'] must be a list of tag prefixes or globs")
+            if len(tags) > _MAX_TAG_FILTERS:
+                raise ValueError(f"opts['saltevent_tags'] has {len(tags)} entries; at most "
+                                 f"{_MAX_TAG_FILTERS}")
+            tags = list(tags)
+        self._filters = tags
+        self._replay = None
+        last, since = opts.get("saltevent_replay_last"), opts.get("saltevent_replay_since")
+        for key, value in (("saltevent_replay_last", last), ("saltevent_replay_since", since)):
+            if value is not None and (value.__class__ is not int or value < 0):
+                raise ValueError(f"opts[{key!r}] must be an int >= 0, not {value!r}")
+        if since is not None:
+            self._replay = {"since": since}
+            epoch = opts.get("saltevent_replay_epoch")
+            if epoch is not None:
+                self._replay["epoch"] = str(epoch)
+        elif last:
+            self._replay = {"last": last}
+        self._seq_keys = bool(opts.get("saltevent_seq"))
+        self._gap_events = bool(opts.get("saltevent_gap_events"))
+
+    def _listen_now(self) -> None:
+        """Register as a listener for the constructor: a bus that cannot be used at all
+        raises BusClosedError; one that is only slow to answer logs and is retried by
+        the first get_event."""
+        gen = self._gen
+        deadline = time.monotonic() + _CONNECT_TIMEOUT
+        self._asked_timeout = _CONNECT_TIMEOUT
+        try:
+            self._pub_slot.conn = _drive(self._subscribe_steps(deadline, gen), self._wake)
+        except EventTimeout as exc:
+            self._failed("cannot listen", exc)
+        except OSError as exc:
+            raise BusClosedError(self._bus.path, f"cannot listen: {exc}") from exc
+
+    def _open(self) -> None:
+        """Count this object as a user of its bus (again, after destroy())."""
+        if self._attached is None:
+            _attach(self._bus)
+            self._attached = self._bus
+            self._wake = threading.Event()
+
+    # -- state derived from the connections (Salt's cpub / cpush flags)
+
+    @property
+    def cpub(self) -> bool:
+        """True while the listening side is connected."""
+        return self._pub_slot.conn is not None
+
+    @property
+    def cpush(self) -> bool:
+        """True while the firing side is connected."""
+        return self._pull_slot.conn is not None
+
+    @property
+    def closed(self) -> bool:
+        """True after destroy(), until the object is used again."""
+        return self._attached is None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._attached is None else (
+            "listening" if self._pub_slot.conn else "idle")
+        return f"<{type(self).__name__} bus={self._bus.path} {state}>"
+
+    def destroy(self) -> None:
+        """Close everything and wake every blocked call; idempotent.  The object may be
+        used again afterwards, as in Salt: firing or listening reconnects."""
+        self._gen += 1
+        self._wake.set()
+        self._close_async()
+        self._close_slot(self._pub_slot)
+        self._close_slot(self._pull_slot)
+        with self._cond:
+            self._cond.notify_all()
+        bus, self._attached = self._attached, None
+        if bus is not None:
+            _detach(bus)
+
+    close = destroy
+
+    def __enter__(self) -> SaltEvent:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.destroy()
+
+    def __del__(self) -> None:
+        bus = getattr(self, "_attached", None)
+        if bus is None:
+            return
+        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+        self._attached = None
+        for slot in (self._pub_slot, self._pull_slot):
+            if slot.conn is not None:
+                slot.conn.sock.close()
+        _orphans.append(bus.path)
+        # Never wait for the lock here: the collection may have interrupted the code
+        # that holds it.  If it is free, settle now; else the next registry call will.
+        if _registry_lock.acquire(blocking=False):
+            try:
+                idle = _settle_orphans()
+            finally:
+                _registry_lock.release()
+            for broker in idle:
+                broker.stop()
 
 
 class MasterEvent(SaltEvent):
@@ -2269,10 +3860,11 @@ _EXAMPLES = {
   saltevent listen                          # every event, as salt-run state.event
   saltevent listen 'salt/job/*/ret/*' --pretty
   saltevent listen 'myco/.*' --count 1 --quiet && echo done
+  saltevent listen --last 100 --seq         # the bus's last 100 events, then live
   saltevent listen | while IFS=$'\\t' read -r tag data; do echo "$tag"; done""",
     "bus": """examples:
   saltevent bus -v                          # until SIGTERM or Ctrl-C
-  saltevent bus --sock-dir /var/run/salt/master""",
+  saltevent bus --sock-dir /var/run/salt/master --ring-events 100000""",
     "stats": """examples:
   saltevent stats
   saltevent stats --json""",
@@ -2280,27 +3872,53 @@ _EXAMPLES = {
 
 
 class _Terminated(BaseException):
-    """SIGTERM arrived: unwind, closing (and handing off) what we hold."""
+    """SIGTERM or SIGHUP arrived: unwind, closing (and handing off) what we hold."""
 
 
 class _UsageError(Exception):
     """Wrong arguments that argparse cannot see."""
 
 
+def _non_negative(text: str) -> int:
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    import argparse
+    value = _non_negative(text)
+    if not value:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _add_common(parser: Any, default: Any) -> None:
+    """The common options, accepted before and after the command."""
+    parser.add_argument("--sock-dir", default=default, help="directory of the bus sockets "
+                        "(default: $SALTEVENT_SOCK_DIR, Salt's, or a private one)")
+    parser.add_argument("--node", choices=("master", "minion"), default=default,
+                        help="which bus: the master's or a minion's")
+    parser.add_argument("--id", default=default,
+                        help="minion id of a minion bus (default: the host name)")
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="log to stderr (-vv for debug)")
+
+
 def _build_parser() -> Any:
     import argparse
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--sock-dir", help="directory of the bus sockets (default: "
-                        "$SALTEVENT_SOCK_DIR, Salt's, or a private one)")
-    common.add_argument("--node", choices=("master", "minion"),
-                        help="which bus: the master's or a minion's")
-    common.add_argument("--id", help="minion id of a minion bus (default: the host name)")
-    common.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log to stderr (-vv for debug)")
     parser = argparse.ArgumentParser(
         prog="saltevent", description="SaltStack's event bus on this host: fire, listen, "
         "run a broker, read its figures.")
     parser.add_argument("--version", action="version", version=f"saltevent {__version__}")
+    _add_common(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -2318,14 +3936,37 @@ def _build_parser() -> Any:
                               "they parse), then the tag")
     sub = command("listen", "print events as salt-run state.event does: tag, TAB, JSON data")
     sub.add_argument("tagmatch", nargs="?", metavar="TAGMATCH",
-                     help="glob, else whole-string regex, on the tag (default: everything)")
+                     help="glob, else whole-string regex, on the tag (default: everything); "
+                          "the broker is told its literal prefix, and sends only those events")
     sub.add_argument("--match-type", choices=sorted(_MATCHERS),
                      help="match TAGMATCH with this API match type instead")
     sub.add_argument("--pretty", action="store_true", help="sorted keys, indented JSON")
-    sub.add_argument("--count", type=int, default=-1, metavar="N",
+    sub.add_argument("--count", type=_non_negative, default=None, metavar="N",
                      help="exit 0 after N matching events")
     sub.add_argument("--quiet", action="store_true", help="print nothing")
-    command("bus", "run a standalone broker in the foreground until SIGTERM/SIGINT")
+    replay = sub.add_mutually_exclusive_group()
+    replay.add_argument("--last", type=_positive, metavar="N",
+                        help="first print the bus's last N matching events (from its ring)")
+    replay.add_argument("--since", type=_non_negative, metavar="SEQ",
+                        help="first print every event after sequence number SEQ")
+    sub.add_argument("--epoch", help="the epoch SEQ belongs to (default: the current one)")
+    sub.add_argument("--seq", action="store_true",
+                     help="print each event's sequence number first: seq, TAB, tag, TAB, data")
+    sub.add_argument("--gaps", action="store_true",
+                     help="print missed events as saltevent/gap lines too (always on stderr)")
+    sub = command("bus", "run a standalone broker in the foreground until SIGTERM/SIGINT")
+    sub.add_argument("--ring-events", type=_non_negative, metavar="N",
+                     default=DEFAULT_RING_EVENTS,
+                     help=f"recent events kept for replays (default {DEFAULT_RING_EVENTS})")
+    sub.add_argument("--ring-bytes", type=_non_negative, metavar="BYTES",
+                     default=DEFAULT_RING_BYTES,
+                     help=f"bytes of them at most (default {DEFAULT_RING_BYTES})")
+    sub.add_argument("--max-clients", type=_positive, metavar="N", default=DEFAULT_MAX_CLIENTS,
+                     help=f"connections served at once (default {DEFAULT_MAX_CLIENTS})")
+    sub.add_argument("--backlog-bytes", type=_positive, metavar="BYTES",
+                     default=DEFAULT_BACKLOG_BYTES,
+                     help="the most a listener may fall behind before its oldest events are "
+                          f"dropped (default {DEFAULT_BACKLOG_BYTES})")
     sub = command("stats", "print the running broker's figures")
     sub.add_argument("--json", action="store_true", help="one JSON object, for machines")
     return parser
@@ -2347,7 +3988,7 @@ def _cli_bus(args: Any, node: str) -> _Bus:
 
 
 def _parse_data(items: list) -> dict:
-    """Return the event data of the CLI's DATA words; ValueError if not an object."""
+    """Return the event data of the CLI's DATA words; _UsageError if not an object."""
     if len(items) == 1:
         try:
             data = json.loads(items[0])
@@ -2355,13 +3996,13 @@ def _parse_data(items: list) -> dict:
             data = None
         else:
             if not isinstance(data, dict):
-                raise ValueError(f"DATA must be a JSON object, not {items[0]!r}")
+                raise _UsageError(f"DATA must be a JSON object, not {items[0]!r}")
             return data
     data = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"DATA must be a JSON object or key=value pairs, not {item!r}")
+            raise _UsageError(f"DATA must be a JSON object or key=value pairs, not {item!r}")
         try:
             data[key] = json.loads(value)
         except ValueError:
@@ -2382,11 +4023,13 @@ def _cmd_fire(args: Any, node: str, master: bool) -> int:
     return 0
 
 
-def _tag_filter(args: Any) -> Callable[[str], bool]:
-    """Return the listen command's test of a tag, as Salt's state.event does it."""
+def _listen_filter(args: Any) -> tuple:
+    """Return the listen command's test of a tag, as Salt's state.event does it, and the
+    prefix the broker may filter on (None: everything)."""
     if args.match_type:
         match, pattern = _get_matcher(args.match_type), args.tagmatch or ""
-        return lambda tag: match(tag, pattern)
+        prefix = pattern if args.match_type == "startswith" else ""
+        return (lambda tag: match(tag, pattern)), (prefix or None)
     pattern = args.tagmatch or "*"
     import fnmatch
     import re
@@ -2394,28 +4037,70 @@ def _tag_filter(args: Any) -> Callable[[str], bool]:
         regex = re.compile(r"\A(?:" + pattern + r")\Z")
     except re.error:
         regex = None
-    return lambda tag: fnmatch.fnmatch(tag, pattern) or bool(regex and regex.match(tag))
+    prefix = _literal_prefix(pattern)
+    return (lambda tag: fnmatch.fnmatch(tag, pattern) or bool(regex and regex.match(tag))), (
+        prefix or None)
+
+
+def _json_text(data: Any, pretty: bool) -> str:
+    """Return *data* as JSON text that any terminal can take: non-ASCII kept, but text
+    UTF-8 cannot hold (lone surrogates) escaped."""
+    kwargs = {"sort_keys": True, "indent": 4} if pretty else {}
+    text = json.dumps(data, ensure_ascii=False, **kwargs)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = json.dumps(data, **kwargs)
+    return text
+
+
+def _write_line(out: Any, line: str) -> None:
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        buffer.write(line.encode("utf-8", "backslashreplace"))
+        buffer.flush()
+    else:
+        out.write(line)
+    out.flush()
 
 
 def _cmd_listen(args: Any, node: str) -> int:
-    wanted = _tag_filter(args)
-    if args.pretty:
-        dump = lambda data: json.dumps(data, ensure_ascii=False, sort_keys=True, indent=4)  # noqa: E731
-    else:
-        dump = lambda data: json.dumps(data, ensure_ascii=False)  # noqa: E731
+    if args.epoch and args.since is None:
+        raise _UsageError("--epoch goes with --since")
+    wanted, prefix = _listen_filter(args)
+    opts = _cli_opts(args)
+    if prefix is not None:
+        opts["saltevent_tags"] = [prefix]
+    if args.last:
+        opts["saltevent_replay_last"] = args.last
+    if args.since is not None:
+        opts["saltevent_replay_since"] = args.since
+        opts["saltevent_replay_epoch"] = args.epoch
+    opts["saltevent_gap_events"] = args.gaps
     out = sys.stdout
     count = 0
-    with SaltEvent(node, args.sock_dir, _cli_opts(args), raise_errors=True) as event:
+
+    def tell(gap: Gap) -> None:
+        print(f"saltevent: missed {'some' if gap.count is None else gap.count} events "
+              f"{gap.first}-{'?' if gap.last is None else gap.last} of epoch {gap.epoch} "
+              f"({gap.reason})", file=sys.stderr, flush=True)
+
+    with SaltEvent(node, args.sock_dir, opts, raise_errors=True) as event:
+        event._on_gap = tell
         if args.count == 0:
             return 0
         for found in event.iter_events(full=True):
             tag = found["tag"]
-            if not wanted(tag):
+            is_gap = found.__class__ is _GapEvent
+            if not is_gap and not wanted(tag):
                 continue
             if not args.quiet:
+                line = f"{tag}\t{_json_text(found['data'], args.pretty)}\n"
+                if args.seq:
+                    line = f"{'-' if is_gap else event.last_seq}\t{line}"
                 try:
-                    out.write(f"{tag}\t{dump(found['data'])}\n")
-                    out.flush()
+                    _write_line(out, line)
                 except BrokenPipeError:
                     # The reader left (| head -1): stop quietly, and keep the
                     # interpreter from failing to flush stdout again at exit.
@@ -2429,18 +4114,42 @@ def _cmd_listen(args: Any, node: str) -> int:
     return 0
 
 
+def _raise_fd_limit(wanted: int) -> None:
+    """Let a standalone broker hold *wanted* connections if the hard limit allows."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.debug("cannot raise the open files limit: %s", exc)
+
+
 def _cmd_bus(args: Any, node: str) -> int:
     import signal
     bus = _cli_bus(args, node)
     _ensure_sock_dir(os.path.dirname(bus.path))
+    _raise_fd_limit(args.max_clients + 64)
     elected = _elect(bus)
     if elected is None:
         raise SaltEventError(f"a broker already runs for {bus.path}")
-    broker = Broker(bus, *elected)
-    log.info("serving %s (pid %d); SIGTERM or Ctrl-C hands off and stops", bus.path,
-             os.getpid())
-    previous = {sig: signal.signal(sig, lambda *_: broker.stop())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    opts = {"saltevent_ring_events": args.ring_events, "saltevent_ring_bytes": args.ring_bytes,
+            "saltevent_max_clients": args.max_clients,
+            "saltevent_broker_backlog_bytes": args.backlog_bytes}
+    try:
+        broker = Broker(bus, elected, opts)
+    except BaseException:
+        elected.sock.close()
+        if _ident(bus.path) == elected.ident:
+            os.unlink(bus.path)
+        os.close(elected.lock_fd)
+        raise
+    log.info("serving %s (pid %d, epoch %s); SIGTERM or Ctrl-C hands off and stops",
+             bus.path, os.getpid(), broker.epoch)
+    signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP")
+                                                 else [])
+    previous = {sig: signal.signal(sig, lambda *_: broker.stop()) for sig in signals}
     try:
         broker.serve_forever()
     finally:
@@ -2454,29 +4163,40 @@ def _cmd_bus(args: Any, node: str) -> int:
 
 def _cmd_stats(args: Any, node: str) -> int:
     bus = _cli_bus(args, node)
+    deadline = time.monotonic() + _CONNECT_TIMEOUT
     try:
-        conn = _Conn(_connect(bus.path))
+        sock = _connect(bus.path)
     except OSError:
-        raise SaltEventError(f"no broker runs for {bus.path}") from None
+        sock = None
+    if sock is None:
+        raise SaltEventError(f"no broker runs for {bus.path}")
+    conn = _Conn(sock)
     try:
-        conn.sock.sendall(_encode({"ctl": "stats"}))
-        deadline = time.monotonic() + _CONNECT_TIMEOUT
-        msg = _drive(_control_steps(conn, "stats", deadline, collections.deque(), bus.path))
-    except EventTimeout:
+        conn.sock.send(_encode_control({"ctl": "stats"}))
+        msg = _drive(_control_steps(conn, "stats", deadline, collections.deque(), bus.path,
+                                    _CONNECT_TIMEOUT))
+    except (EventTimeout, OSError, FrameError):
         msg = None
     finally:
         conn.close()
-    if msg is None:
+    if msg is None or not isinstance(msg.get("stats"), dict):
         raise SaltEventError(f"the broker of {bus.path} did not answer")
     stats = msg["stats"]
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
+    ring = stats.get("ring", {})
+    held = stats.get("held", {})
     rows = [("bus", stats["bus"]), ("broker pid", stats["pid"]),
-            ("uptime", f"{stats['uptime']:.1f} s"), ("clients", stats["clients"]),
+            ("uptime", f"{stats['uptime']:.1f} s"), ("epoch", stats.get("epoch")),
+            ("seq", stats.get("seq")), ("clients", stats["clients"]),
             ("listeners", stats["listeners"]), ("events in", stats["events_in"]),
             ("events out", stats["events_out"]), ("bytes in", stats["bytes_in"]),
-            ("bytes out", stats["bytes_out"]), ("dropped", stats["dropped"])]
+            ("bytes out", stats["bytes_out"]), ("dropped", stats["dropped"]),
+            ("ring", f"{ring.get('events')} events, {ring.get('bytes')} bytes, "
+                     f"seq {ring.get('first')}-{ring.get('last')}"),
+            ("held", f"{held.get('events')} bytes of events, {held.get('input')} of input, "
+                     f"{held.get('control')} of replies")]
     for name, value in rows:
         print(f"{name:<11} {value}")
     for item in stats["per_listener"]:
@@ -2501,7 +4221,8 @@ def main(argv: list | None = None) -> int:
         raise _Terminated()
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, terminate) for sig in signals} if in_main else {}
     try:
         if args.command in ("fire", "fire-master"):
             return _cmd_fire(args, node, args.command == "fire-master")
@@ -2511,7 +4232,9 @@ def main(argv: list | None = None) -> int:
             return _cmd_bus(args, node)
         return _cmd_stats(args, node)
     except _UsageError as exc:
-        parser.error(str(exc))
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     except (SaltEventError, OSError, ValueError, TypeError) as exc:
         print(f"saltevent: {exc}", file=sys.stderr)
         return 1
@@ -2520,8 +4243,8 @@ def main(argv: list | None = None) -> int:
     except _Terminated:
         return 143
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 2
 
 
