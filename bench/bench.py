@@ -34,9 +34,10 @@ Scenarios (S = saltevent, B = baseline relay):
 
 The baseline ("raw relay") is the practical ceiling for a pure-Python bus: a relay
 process with a selector accept loop that recv()s what a firer sent (cut at the last
-newline) and sendall()s the same bytes to every listener; firers json.dumps + sendall;
-listeners recv, split lines, json.loads each.  No backlog bounds, no features: a
-stalled listener blocks the relay (reported, with a time cap).  The relay sends one
+newline) and sendall()s the same bytes to every listener; firers encode compact
+JSON (as saltevent does) + sendall; listeners recv, split lines, json.loads each.
+A frame spanning several recv()s is joined once, from a list of parts.  No backlog
+bounds, no features: a stalled listener blocks the relay (reported, with a time cap).  The relay sends one
 b"\\n" when it accepts a listener, so a connected baseline listener is registered.
 
 saltevent's broker runs in its own process too: a helper that holds an idle
@@ -102,6 +103,9 @@ def make_big(seq: int) -> dict:
 
 PAYLOADS = {"small": make_small, "big": make_big}
 
+#: Compact JSON, as saltevent encodes; the baseline's firer encodes the same way.
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
 # ============================================================================
 # Worker side: one role per process
 # ============================================================================
@@ -127,7 +131,10 @@ def _wait_go() -> None:
 
 
 class RawListener:
-    """Baseline listener: non-blocking recv, poll() when empty, split lines, json.loads."""
+    """Baseline listener: non-blocking recv, poll() when empty, split lines, json.loads.
+
+    A frame that spans several recv()s is kept as a list of parts and joined once.
+    """
 
     def __init__(self, sock_dir: str, timeout: float = 10.0):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -140,7 +147,7 @@ class RawListener:
         self.poller = select.poll()
         self.poller.register(s.fileno(), select.POLLIN)
         self.q = deque()
-        self.buf = b""
+        self.parts = []
         self.dropped = 0
         self.gaps = 0
 
@@ -161,9 +168,18 @@ class RawListener:
                 continue
             if not chunk:
                 return None
-            data = self.buf + chunk if self.buf else chunk
-            lines = data.split(b"\n")
-            self.buf = lines.pop()
+            parts = self.parts
+            if b"\n" not in chunk:
+                parts.append(chunk)
+                continue
+            if parts:
+                parts.append(chunk)
+                chunk = b"".join(parts)
+                parts.clear()
+            lines = chunk.split(b"\n")
+            tail = lines.pop()
+            if tail:
+                parts.append(tail)
             for line in lines:
                 if line:
                     q.append(loads(line))
@@ -175,7 +191,7 @@ class RawListener:
 
 
 class RawFirer:
-    """Baseline firer: json.dumps + sendall on a blocking socket."""
+    """Baseline firer: compact json.dumps (as saltevent's) + sendall on a blocking socket."""
 
     def __init__(self, sock_dir: str):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -184,7 +200,7 @@ class RawFirer:
         self._sendall = s.sendall
 
     def fire(self, data: dict, tag: str) -> bool:
-        self._sendall((json.dumps({"tag": tag, "data": data}) + "\n").encode())
+        self._sendall((_COMPACT({"tag": tag, "data": data}) + "\n").encode())
         return True
 
     def close(self) -> None:
@@ -365,7 +381,10 @@ def w_se_broker(a: dict) -> None:
 
 
 def w_relay(a: dict) -> None:
-    """The baseline relay: selector accept loop, recv from firers, sendall to listeners."""
+    """The baseline relay: selector accept loop, recv from firers, sendall to listeners.
+
+    A frame that spans several recv()s is kept as a list of parts and joined once.
+    """
     d = a["sock_dir"]
     pull = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     pull.bind(os.path.join(d, RELAY_PULL))
@@ -386,7 +405,7 @@ def w_relay(a: dict) -> None:
             what = key.data
             if what == "pull":
                 conn, _ = pull.accept()
-                partial[conn] = b""
+                partial[conn] = []
                 sel.register(conn, selectors.EVENT_READ, conn)
             elif what == "pub":
                 conn, _ = pub.accept()
@@ -404,12 +423,18 @@ def w_relay(a: dict) -> None:
                     conn.close()
                     continue
                 end = chunk.rfind(b"\n") + 1
-                head = partial[conn]
+                parts = partial[conn]
                 if not end:
-                    partial[conn] = head + chunk
+                    parts.append(chunk)
                     continue
-                block = head + chunk[:end] if head else chunk[:end]
-                partial[conn] = chunk[end:]
+                if parts:
+                    parts.append(chunk[:end])
+                    block = b"".join(parts)
+                    parts.clear()
+                else:
+                    block = chunk[:end]
+                if end < len(chunk):
+                    parts.append(chunk[end:])
                 for lst in listeners:
                     try:
                         lst.sendall(block)
