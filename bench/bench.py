@@ -72,8 +72,9 @@ THIS = os.path.abspath(__file__)
 
 # Workers import this file as a module (so it is compiled once, to a cached .pyc,
 # rather than recompiled as __main__ in every process: less start-up noise and RSS).
-WORKER_BOOT = ("import sys; sys.path[:0] = [%r, %r]; import bench; sys.exit(bench.main(sys.argv[1:]))"
-               % (HERE, ROOT))
+# Which saltevent.py they import is a worker argument, ``se_path`` (see worker_main).
+WORKER_BOOT = ("import sys; sys.path.insert(0, %r); import bench; sys.exit(bench.main(sys.argv[1:]))"
+               % HERE)
 RELAY_PUB = "relay-pub.sock"      # baseline: listeners connect here
 RELAY_PULL = "relay-pull.sock"    # baseline: firers connect here
 RECV_BYTES = 256 << 10
@@ -503,7 +504,8 @@ def w_se_broker(a: dict) -> None:
         here = path in brokers
     ev.close_pull()
     threading.setprofile(None)
-    _out({"ready": True, "pid": os.getpid(), "broker_here": here})
+    _out({"ready": True, "pid": os.getpid(), "broker_here": here,
+          "se_file": os.path.abspath(saltevent.__file__)})
     while True:
         cmd = _in()
         if cmd is None or cmd.get("cmd") == "stop":
@@ -708,8 +710,9 @@ WORKERS = {"listener": w_listener, "idle": w_idle, "firer": w_firer, "se_broker"
 
 def worker_main(role: str, args_json: str) -> int:
     a = json.loads(args_json)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    # The directory whose saltevent.py this worker imports: this checkout's, or the
+    # other copy's under --compare.  First on sys.path, ahead of the cwd.
+    sys.path.insert(0, a.get("se_path") or ROOT)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     prof = None
     if a.get("profile") and role != "se_broker":
@@ -752,6 +755,7 @@ class Proc:
         self.name = name
         self.err_path = os.path.join(ctx.log_dir, f"{ctx.seq:03d}-{name}.err")
         ctx.seq += 1
+        args = dict(args, se_path=ctx.se_path)
         if ctx.profile_roles and _profile_key(role, args) in ctx.profile_roles and args.get("impl", "se") == "se":
             args = dict(args, profile=os.path.join(ctx.prof_dir, f"{name}-{ctx.seq:03d}.prof"))
             ctx.prof_files.append((name, args["profile"]))
@@ -884,6 +888,7 @@ class Ctx:
         self.prof_dir = cfg.profile_dir
         self.profile_roles = set(cfg.profile.split(",")) if cfg.profile else set()
         self.prof_files: list = []
+        self.se_path = ROOT        # whose saltevent.py the workers import (run_one sets it)
         # Run every worker as installed code runs: with compiled .pyc files.  The
         # environment may set PYTHONDONTWRITEBYTECODE (then every process would
         # recompile saltevent.py: ~25 ms and ~6 MB RSS); cache them outside the repo.
@@ -954,6 +959,9 @@ def start_bus(ctx: Ctx, impl: str, d: str, deadline: float, queue: bool = False)
     msg = b.recv(deadline)
     if impl == "se" and msg.get("broker_here") is False:
         raise WorkerFailed("the saltevent helper did not become the broker")
+    want = os.path.join(os.path.abspath(ctx.se_path), "saltevent.py")
+    if impl == "se" and msg.get("se_file") != want:
+        raise WorkerFailed(f"the broker imported {msg.get('se_file')}, not {want}")
     b.t_ready = time.monotonic()
     return b
 
@@ -1228,9 +1236,9 @@ def sc_joinrace(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
 # -- scenario 7 --------------------------------------------------------------
 
 
-def _time_cmd(argv, env, deadline) -> float:
+def _time_cmd(argv, env, deadline, cwd) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    r = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        timeout=max(1.0, deadline - time.monotonic()))
     dt = time.perf_counter() - t0
     if r.returncode != 0:
@@ -1249,20 +1257,21 @@ def sc_coldstart(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
 
 
 def _coldstart(ctx: Ctx, d: str, py: str, env: dict, nopyc_env: dict, deadline: float) -> dict:
+    cwd = ctx.se_path                                       # `import saltevent` finds that copy
     fire = ("import saltevent; e = saltevent.MasterEvent(%r, listen=False); "
             "ok = e.fire_event({'a': 1}, 'x'); e.destroy(); raise SystemExit(0 if ok else 3)" % d)
     bare = [py, "-c", "pass"]
     se = [py, "-c", fire]
     for _ in range(2):                                      # warm the page cache and .pyc
-        _time_cmd(bare, env, deadline)
-        _time_cmd(se, env, deadline)
+        _time_cmd(bare, env, deadline, cwd)
+        _time_cmd(se, env, deadline, cwd)
     t_bare, t_se, t_nopyc = [], [], []
     for _ in range(ctx.cfg.cold_runs):                      # interleaved: same noise for both
-        t_bare.append(_time_cmd(bare, env, deadline))
-        t_se.append(_time_cmd(se, env, deadline))
+        t_bare.append(_time_cmd(bare, env, deadline, cwd))
+        t_se.append(_time_cmd(se, env, deadline, cwd))
     for _ in range(max(3, ctx.cfg.cold_runs // 4)):
-        t_nopyc.append(_time_cmd(se, nopyc_env, deadline))
-    r = subprocess.run([py, "-X", "importtime", "-c", "import saltevent"], cwd=ROOT, env=env,
+        t_nopyc.append(_time_cmd(se, nopyc_env, deadline, cwd))
+    r = subprocess.run([py, "-X", "importtime", "-c", "import saltevent"], cwd=cwd, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
     imports = []
     for line in r.stderr.decode(errors="replace").splitlines():
@@ -1370,7 +1379,7 @@ def median_result(runs: list) -> dict:
 # -- report -----------------------------------------------------------------
 
 
-IMPL_NAMES = {"saltevent": "saltevent", "baseline": "baseline"}   # result key -> shown
+IMPL_NAMES = {"saltevent": "saltevent", "other": "old", "baseline": "baseline"}   # result key -> shown
 
 
 def fmt_num(v, unit=""):
@@ -1397,7 +1406,7 @@ def fmt_num(v, unit=""):
 
 
 def build_rows(results: dict, cfg) -> list:
-    """Rows: (scenario, metric, saltevent, baseline, ratio, better, target, met)."""
+    """Rows: (scenario, metric, saltevent, baseline, ratio, better, target, met[, old, new/old])."""
     rows = []
 
     def get(name, impl, key):
@@ -1424,6 +1433,12 @@ def build_rows(results: dict, cfg) -> list:
             "met": "" if met is None else ("yes" if met else "NO"),
             "raw": {"saltevent": s, "baseline": b, "ratio": ratio},
         })
+        if cfg.compare:                 # the other copy's figure and the plain quotient new/old
+            o, o_err = get(name, "other", key)
+            new_old = s / o if isinstance(s, (int, float)) and isinstance(o, (int, float)) and o else None
+            rows[-1].update({"old": "ERROR" if o_err else fmt_num(o, unit),
+                             "new/old": "-" if new_old is None else f"{new_old:.2f}"})
+            rows[-1]["raw"].update(old=o, new_old=new_old)
 
     ge = lambda s, t: s >= t  # noqa: E731
     le = lambda s, t: s <= t  # noqa: E731
@@ -1510,8 +1525,18 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
           f" at end {' '.join(f'{x:.2f}' for x in end)}  (other work on the machine adds noise)")
     p("ratio: higher-is-better metrics saltevent/baseline, lower-is-better baseline/saltevent;"
       " so > 1.00x means saltevent is better.")
+    if cfg.compare:
+        c = meta.get("compare", {})
+        p(f"compare: new = {meta.get('saltevent_path')} ({meta['saltevent_version']},"
+          f" {meta.get('saltevent_commit') or '?'})")
+        p(f"         old = {c.get('path')} ({c.get('version')}, {c.get('commit') or '?'})")
+        p("         run interleaved in each repetition: new, old, baseline.")
+        p("new/old is the plain quotient of the two figures: > 1 is better where higher is better"
+          " (rates, MiB/s), < 1 where lower is (ms, MB, slowdown).")
     p("")
     cols = ["scenario", "metric", "saltevent", "baseline", "ratio", "target", "met"]
+    if cfg.compare:
+        cols[3:3] = ["old", "new/old"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
     p("  ".join(c.ljust(widths[c]) for c in cols))
     p("  ".join("-" * widths[c] for c in cols))
@@ -1520,7 +1545,7 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
         sc = r["scenario"] if r["scenario"] != last else ""
         last = r["scenario"]
         cells = dict(r, scenario=sc)
-        p("  ".join((str(cells[c]).rjust(widths[c]) if c in ("saltevent", "baseline", "ratio")
+        p("  ".join((str(cells[c]).rjust(widths[c]) if c in ("saltevent", "old", "new/old", "baseline", "ratio")
                      else str(cells[c]).ljust(widths[c])) for c in cols))
     p("")
     notes = []
@@ -1536,7 +1561,7 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
                 f" in {fmt_num(m['stalled_read_seconds'])} s after resuming, RSS {fmt_num(m['rss_start_mb'])} ->"
                 f" {fmt_num(m['rss_peak_mb'])} MB, broker stderr lines {m.get('broker_stderr_lines')}")
     for name in ("throughput", "fanout", "fanin", "latency", "fanout64", "fanin16"):
-        for impl in ("saltevent", "baseline"):
+        for impl in ("saltevent", "other", "baseline"):
             m = results.get(name, {}).get(impl, {}).get("median", {})
             if m and "error" not in m and (m.get("received") != m.get("expected") or m.get("fire_fails")
                                            or m.get("dropped")):
@@ -1571,7 +1596,7 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
 def new_scenario_notes(results: dict) -> list:
     """Checks and side figures of fanin16, big and idle1000, one line each."""
     notes = []
-    for impl in ("saltevent", "baseline"):
+    for impl in ("saltevent", "other", "baseline"):
         name = IMPL_NAMES[impl]
         m = results.get("fanin16", {}).get(impl, {}).get("median", {})
         if m and "error" not in m and (m.get("lost") or m.get("order_violations") or m.get("firers_short")):
@@ -1606,7 +1631,33 @@ def new_scenario_notes(results: dict) -> list:
     return notes
 
 
-def collect_meta() -> dict:
+def _git_commit(path: str):
+    """The last commit that changed *path*/saltevent.py, "+ changes" if it has uncommitted ones."""
+    try:
+        git = ["git", "-C", path]
+        r = subprocess.run(git + ["log", "-1", "--format=%h %s", "--", "saltevent.py"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0 or not r.stdout.strip():
+            return None
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "saltevent.py"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return r.stdout.strip()[:60] + (" + changes" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _file_version(path: str):
+    """``__version__`` of a saltevent.py read as text (two copies cannot both be imported)."""
+    import re
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = re.search(r"""^__version__ = ["']([^"']+)["']""", f.read(), re.M)
+        return m.group(1) if m else "?"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
+
+def collect_meta(cfg=None) -> dict:
     try:
         sys.path.insert(0, ROOT)
         import saltevent
@@ -1617,11 +1668,16 @@ def collect_meta() -> dict:
     finally:
         if sys.path and sys.path[0] == ROOT:
             sys.path.pop(0)
-    return {"python": platform.python_version(), "implementation": platform.python_implementation(),
+    meta = {"python": platform.python_version(), "implementation": platform.python_implementation(),
             "executable": sys.executable, "cpus": os.cpu_count(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "platform": platform.platform(), "saltevent_version": version, "saltevent_path": path,
+            "saltevent_commit": _git_commit(ROOT),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if cfg is not None and cfg.compare:
+        other = os.path.join(cfg.compare, "saltevent.py")
+        meta["compare"] = {"path": other, "version": _file_version(other), "commit": _git_commit(cfg.compare)}
+    return meta
 
 
 def print_profiles(ctx: Ctx, out) -> None:
@@ -1646,6 +1702,9 @@ def parse_args(argv):
     ap.add_argument("--repeat", type=int, default=None, help="repetitions, median reported (default 3; quick 1)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--impl", default="both", choices=["both", "saltevent", "baseline"])
+    ap.add_argument("--compare", metavar="PATH", default=None,
+                    help="also run every saltevent scenario on PATH/saltevent.py (another checkout),"
+                         " interleaved with this one's; the table gets its figure and new/old")
     ap.add_argument("--timeout", type=float, default=None,
                     help="hard timeout of one run of one scenario, s (default: 120-180; quick 20-60)")
     ap.add_argument("--profile", default="",
@@ -1687,8 +1746,20 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     names = [s for s in SCENARIOS if not cfg.only or s in cfg.only.split(",")]
-    impls = {"both": ["se", "base"], "saltevent": ["se"], "baseline": ["base"]}[cfg.impl]
-    meta = collect_meta()
+    if cfg.compare:
+        cfg.compare = os.path.abspath(cfg.compare)
+        if not os.path.isfile(os.path.join(cfg.compare, "saltevent.py")):
+            print(f"--compare: no saltevent.py in {cfg.compare}", file=sys.stderr)
+            return 2
+    # (result key, worker impl, directory whose saltevent.py the workers import)
+    variants = []
+    if cfg.impl in ("both", "saltevent"):
+        variants.append(("saltevent", "se", ROOT))
+        if cfg.compare:
+            variants.append(("other", "se", cfg.compare))
+    if cfg.impl in ("both", "baseline"):
+        variants.append(("baseline", "base", ROOT))
+    meta = collect_meta(cfg)
     ctx = Ctx(cfg)
     results: dict = {}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -1701,18 +1772,19 @@ def main(argv=None) -> int:
     interrupted = False
     try:
         for name in names:
-            runs = {"saltevent": [], "baseline": []}
+            runs = {key: [] for key, _, _ in variants}
             for rep in range(cfg.repeat):
-                for impl in impls:
+                for key, impl, se_path in variants:      # interleaved: new, old, baseline, new, ...
                     if impl == "base" and name in SE_ONLY:
                         continue
-                    key = "saltevent" if impl == "se" else "baseline"
+                    ctx.se_path = se_path
                     t = time.monotonic()
                     r = run_one(ctx, name, impl)
                     runs[key].append(r)
                     results[name] = {k: {"runs": v, "median": median_result(v)}
                                      for k, v in runs.items() if v}
-                    log(f"[{time.monotonic() - t0:6.1f}s] {name:<10} {key:<9} rep {rep + 1}/{cfg.repeat}"
+                    log(f"[{time.monotonic() - t0:6.1f}s] {name:<10} {'old' if key == 'other' else key:<9}"
+                        f" rep {rep + 1}/{cfg.repeat}"
                         f" ({time.monotonic() - t:.1f}s){'  ERROR: ' + r['error'].splitlines()[0] if 'error' in r else ''}")
     except KeyboardInterrupt:
         interrupted = True
