@@ -1631,6 +1631,53 @@ def new_scenario_notes(results: dict) -> list:
     return notes
 
 
+GROWTH = (
+    ("deliveries/s by number of listeners (1 firer; throughput, fanout, fanout64)",
+     (("1", "throughput", "rate"), ("8", "fanout", "rate"), ("64", "fanout64", "rate"))),
+    ("MiB/s by event size (1 firer -> 1 listener; big)",
+     tuple((_size_name(label), "big", f"mib_s_{label}") for label, _ in BIG_SIZES)),
+)
+
+
+def growth(results: dict) -> list:
+    """The chart's data: [(title, [(point, {series: value})])], series in table order."""
+    charts = []
+    for title, points in GROWTH:
+        rows = []
+        for point, name, key in points:
+            vals = {}
+            for impl in ("saltevent", "other", "baseline"):
+                v = results.get(name, {}).get(impl, {}).get("median", {}).get(key)
+                if isinstance(v, (int, float)):
+                    vals[impl] = v
+            rows.append((point, vals))
+        if any(vals for _, vals in rows):
+            charts.append((title, rows))
+    return charts
+
+
+def print_chart(results: dict, out=sys.stdout, bar_width: int = 38) -> None:
+    """Bars to scale within each chart; xN is the figure over the same series' first point."""
+    for title, rows in growth(results):
+        top = max(v for _, vals in rows for v in vals.values()) or 1
+        first: dict = {}
+        print(f"\n{title}", file=out)
+        for point, vals in rows:
+            label = point
+            for impl in ("saltevent", "other", "baseline"):
+                if impl not in vals:
+                    continue
+                v = vals[impl]
+                grow = f"x{v / first[impl]:.2f}" if first.get(impl) else ""
+                first.setdefault(impl, v)
+                bar = "#" * max(1, round(v / top * bar_width))
+                line = f"  {label:>7}  {IMPL_NAMES[impl]:<9} |{bar:<{bar_width}}| {fmt_num(v):>9} {grow:>6}"
+                print(line.rstrip(), file=out)
+                label = ""
+            if not vals:
+                print(f"  {point:>7}  (not run)", file=out)
+
+
 def _git_commit(path: str):
     """The last commit that changed *path*/saltevent.py, "+ changes" if it has uncommitted ones."""
     try:
@@ -1798,11 +1845,15 @@ def main(argv=None) -> int:
             meta["loadavg_end"] = os.getloadavg()
         doc = {"meta": meta, "config": {k: v for k, v in vars(cfg).items() if k != "worker"},
                "elapsed_seconds": time.monotonic() - t0, "interrupted": interrupted,
-               "table": [{k: v for k, v in r.items()} for r in rows], "results": results}
+               "table": [{k: v for k, v in r.items()} for r in rows],
+               "growth": {title: {point: vals for point, vals in rows_}
+                          for title, rows_ in growth(results)},
+               "results": results}
         json.dump(doc, sys.stdout, indent=1, default=str)
         print()
     else:
         print_table(rows, meta, results, cfg)
+        print_chart(results)
         print(f"\nelapsed {time.monotonic() - t0:.1f} s")
     if ctx.prof_files:
         print_profiles(ctx, sys.stderr if cfg.json else sys.stdout)
