@@ -3,16 +3,20 @@
 
 Run from the repository root::
 
-    python bench/bench.py              # full suite, 3 repetitions, medians (~1.5 min)
-    python bench/bench.py --quick      # smoke run, well under 30 s
+    python bench/bench.py              # full suite, 3 repetitions, medians (~3 min)
+    python bench/bench.py --quick      # smoke run of every scenario, ~25 s
     python bench/bench.py --json       # machine-readable output on stdout
     python bench/bench.py --only throughput,latency --repeat 5
     python bench/bench.py --only throughput --profile listener,firer,broker
+    git worktree add /tmp/se-main main && python bench/bench.py --compare /tmp/se-main
+    git worktree remove /tmp/se-main   # afterwards
 
 Every broker/relay, firer and listener is its own OS process (``bench.py --worker
 ROLE ARGS``, spawned with subprocess); workers report to this process as JSON lines
 over pipes and wait for a ``go`` line, the common start signal.  Times are
 ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for every process on Linux).
+Every wait has a deadline (a hard timeout per run of a scenario, ``--timeout``) and
+every process started is killed and reaped when its run ends, however it ends.
 
 Scenarios (S = saltevent, B = baseline relay):
 
@@ -31,14 +35,57 @@ Scenarios (S = saltevent, B = baseline relay):
 7. ``coldstart``   wall time of a fresh interpreter that imports saltevent and fires
    one event on a running bus (median of 20), against ``python -c pass``; plus the
    heaviest lines of ``python -X importtime -c "import saltevent"``.
+8. ``fanout64``    1 firer -> 64 listener processes, 5,000 ~150-byte events (320,000
+   deliveries: 64 listeners share the cores, so the count is kept modest).
+9. ``fanin16``     16 firers -> 1 listener, 32,000 events (2,000 per firer); the
+   listener checks that each firer's events all arrive, in order (lost, order
+   violations: a seq not above the last one from the same firer).
+10. ``big``        1 -> 1 MiB/s of payload for 1 KiB x 20,000, 64 KiB x 1,500 and
+   900 KiB x 120 events, then fire->receive p50/p99 for 100 events of 64 KiB and
+   of 900 KiB paced at 20/s (first 5 warm-up), each phase on a fresh bus.  The
+   payload is a realistic job return (``make_records``): a dict with a list of state
+   records mixing short strings, numbers, booleans, small nested dicts and, every
+   fifth, a long comment; deterministic, built once per firer, exactly the size in
+   compact JSON; the fire time goes in its top-level ``t``.  Listeners decode every
+   event in full (saltevent's get_event does; the baseline's json.loads) and report
+   the record counts they saw, so a trimmed event would show.
+11. ``idle1000``   1 -> 1 events/s, 50,000 small events, on three fresh buses: with no
+   idle listeners; (a) with 1,000 idle listeners (10 processes x 100, connected
+   before the go) that never read, not once; (b) the same, each declaring a tag
+   prefix no event matches, ``opts['saltevent_tags'] = ['idle/nomatch/<i>/']``, so
+   a broker that honours declared tags sends them nothing (a saltevent that ignores
+   the key gives (b) = (a) within noise).  Reported: the rates, the slowdown against
+   no idle listeners, and the broker's VmRSS growth per idle listener once they
+   are connected (and, in the notes, after the run, queued events included).  The
+   broker/relay and the holders raise their soft RLIMIT_NOFILE to the hard limit;
+   a hard limit under 1,064 scales the count down, and the output says so.
+
+A growth chart follows the table: deliveries/s against the number of listeners (1,
+8, 64: throughput, fanout, fanout64) and MiB/s against the event size (1, 64, 900
+KiB: big), bars to scale, xN against the first point.  ``--quick`` runs every
+scenario with fewer events (fanout64 1,000, fanin16 8,000, big 3,000/200/20 and 20
+paced, idle1000 10,000); its p99s of 18 paced big events are their maximum.
+
+``--compare PATH``: PATH is a directory with another saltevent.py (a worktree of
+an older commit, say).  Each repetition runs every saltevent scenario on this
+checkout's copy, then on PATH's, then the baseline, so both copies see the same
+machine; the table adds PATH's figure ("old") and new/old, the plain quotient.
+Workers import the copy named by their ``se_path`` argument; the broker reports
+the file it imported and a mismatch is an error.  The bench itself uses only the
+public API (MasterEvent, connect_pull, fire_event, get_event, opts), so it runs
+against either copy.
 
 The baseline ("raw relay") is the practical ceiling for a pure-Python bus: a relay
 process with a selector accept loop that recv()s what a firer sent (cut at the last
 newline) and sendall()s the same bytes to every listener; firers encode compact
 JSON (as saltevent does) + sendall; listeners recv, split lines, json.loads each.
 A frame spanning several recv()s is joined once, from a list of parts.  No backlog
-bounds, no features: a stalled listener blocks the relay (reported, with a time cap).  The relay sends one
-b"\\n" when it accepts a listener, so a connected baseline listener is registered.
+bounds, no features: a stalled listener blocks the relay (reported, with a time
+cap).  In idle1000 only, the relay runs in queue mode: a listener whose socket is
+full gets what it cannot take queued, unbounded, instead of blocking everyone
+(else the first idle socket to fill would stop the bus); it has no filters, so its
+(b) is its (a), not run again, marked ``*``.  The relay sends one b"\\n" when it
+accepts a listener, so a connected baseline listener is registered.
 
 saltevent's broker runs in its own process too: a helper that holds an idle
 ``MasterEvent(sock_dir, listen=False)`` whose ``connect_pull()`` elects it broker.
