@@ -3,16 +3,20 @@
 
 Run from the repository root::
 
-    python bench/bench.py              # full suite, 3 repetitions, medians (~1.5 min)
-    python bench/bench.py --quick      # smoke run, well under 30 s
+    python bench/bench.py              # full suite, 3 repetitions, medians (~3 min)
+    python bench/bench.py --quick      # smoke run of every scenario, ~25 s
     python bench/bench.py --json       # machine-readable output on stdout
     python bench/bench.py --only throughput,latency --repeat 5
     python bench/bench.py --only throughput --profile listener,firer,broker
+    git worktree add /tmp/se-main main && python bench/bench.py --compare /tmp/se-main
+    git worktree remove /tmp/se-main   # afterwards
 
 Every broker/relay, firer and listener is its own OS process (``bench.py --worker
 ROLE ARGS``, spawned with subprocess); workers report to this process as JSON lines
 over pipes and wait for a ``go`` line, the common start signal.  Times are
 ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for every process on Linux).
+Every wait has a deadline (a hard timeout per run of a scenario, ``--timeout``) and
+every process started is killed and reaped when its run ends, however it ends.
 
 Scenarios (S = saltevent, B = baseline relay):
 
@@ -31,13 +35,57 @@ Scenarios (S = saltevent, B = baseline relay):
 7. ``coldstart``   wall time of a fresh interpreter that imports saltevent and fires
    one event on a running bus (median of 20), against ``python -c pass``; plus the
    heaviest lines of ``python -X importtime -c "import saltevent"``.
+8. ``fanout64``    1 firer -> 64 listener processes, 5,000 ~150-byte events (320,000
+   deliveries: 64 listeners share the cores, so the count is kept modest).
+9. ``fanin16``     16 firers -> 1 listener, 32,000 events (2,000 per firer); the
+   listener checks that each firer's events all arrive, in order (lost, order
+   violations: a seq not above the last one from the same firer).
+10. ``big``        1 -> 1 MiB/s of payload for 1 KiB x 20,000, 64 KiB x 1,500 and
+   900 KiB x 120 events, then fire->receive p50/p99 for 100 events of 64 KiB and
+   of 900 KiB paced at 20/s (first 5 warm-up), each phase on a fresh bus.  The
+   payload is a realistic job return (``make_records``): a dict with a list of state
+   records mixing short strings, numbers, booleans, small nested dicts and, every
+   fifth, a long comment; deterministic, built once per firer, exactly the size in
+   compact JSON; the fire time goes in its top-level ``t``.  Listeners decode every
+   event in full (saltevent's get_event does; the baseline's json.loads) and report
+   the record counts they saw, so a trimmed event would show.
+11. ``idle1000``   1 -> 1 events/s, 50,000 small events, on three fresh buses: with no
+   idle listeners; (a) with 1,000 idle listeners (10 processes x 100, connected
+   before the go) that never read, not once; (b) the same, each declaring a tag
+   prefix no event matches, ``opts['saltevent_tags'] = ['idle/nomatch/<i>/']``, so
+   a broker that honours declared tags sends them nothing (a saltevent that ignores
+   the key gives (b) = (a) within noise).  Reported: the rates, the slowdown against
+   no idle listeners, and the broker's VmRSS growth per idle listener once they
+   are connected (and, in the notes, after the run, queued events included).  The
+   broker/relay and the holders raise their soft RLIMIT_NOFILE to the hard limit;
+   a hard limit under 1,064 scales the count down, and the output says so.
+
+A growth chart follows the table: deliveries/s against the number of listeners (1,
+8, 64: throughput, fanout, fanout64) and MiB/s against the event size (1, 64, 900
+KiB: big), bars to scale, xN against the first point.  ``--quick`` runs every
+scenario with fewer events (fanout64 1,000, fanin16 8,000, big 3,000/200/20 and 20
+paced, idle1000 10,000); its p99s of 18 paced big events are their maximum.
+
+``--compare PATH``: PATH is a directory with another saltevent.py (a worktree of
+an older commit, say).  Each repetition runs every saltevent scenario on this
+checkout's copy, then on PATH's, then the baseline, so both copies see the same
+machine; the table adds PATH's figure ("old") and new/old, the plain quotient.
+Workers import the copy named by their ``se_path`` argument; the broker reports
+the file it imported and a mismatch is an error.  The bench itself uses only the
+public API (MasterEvent, connect_pull, fire_event, get_event, opts), so it runs
+against either copy.
 
 The baseline ("raw relay") is the practical ceiling for a pure-Python bus: a relay
 process with a selector accept loop that recv()s what a firer sent (cut at the last
-newline) and sendall()s the same bytes to every listener; firers json.dumps + sendall;
-listeners recv, split lines, json.loads each.  No backlog bounds, no features: a
-stalled listener blocks the relay (reported, with a time cap).  The relay sends one
-b"\\n" when it accepts a listener, so a connected baseline listener is registered.
+newline) and sendall()s the same bytes to every listener; firers encode compact
+JSON (as saltevent does) + sendall; listeners recv, split lines, json.loads each.
+A frame spanning several recv()s is joined once, from a list of parts.  No backlog
+bounds, no features: a stalled listener blocks the relay (reported, with a time
+cap).  In idle1000 only, the relay runs in queue mode: a listener whose socket is
+full gets what it cannot take queued, unbounded, instead of blocking everyone
+(else the first idle socket to fill would stop the bus); it has no filters, so its
+(b) is its (a), not run again, marked ``*``.  The relay sends one b"\\n" when it
+accepts a listener, so a connected baseline listener is registered.
 
 saltevent's broker runs in its own process too: a helper that holds an idle
 ``MasterEvent(sock_dir, listen=False)`` whose ``connect_pull()`` elects it broker.
@@ -71,8 +119,9 @@ THIS = os.path.abspath(__file__)
 
 # Workers import this file as a module (so it is compiled once, to a cached .pyc,
 # rather than recompiled as __main__ in every process: less start-up noise and RSS).
-WORKER_BOOT = ("import sys; sys.path[:0] = [%r, %r]; import bench; sys.exit(bench.main(sys.argv[1:]))"
-               % (HERE, ROOT))
+# Which saltevent.py they import is a worker argument, ``se_path`` (see worker_main).
+WORKER_BOOT = ("import sys; sys.path.insert(0, %r); import bench; sys.exit(bench.main(sys.argv[1:]))"
+               % HERE)
 RELAY_PUB = "relay-pub.sock"      # baseline: listeners connect here
 RELAY_PULL = "relay-pull.sock"    # baseline: firers connect here
 RECV_BYTES = 256 << 10
@@ -102,6 +151,80 @@ def make_big(seq: int) -> dict:
 
 PAYLOADS = {"small": make_small, "big": make_big}
 
+#: Compact JSON, as saltevent encodes; the baseline's firer encodes the same way.
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+_WORDS = ("minion state highstate pkg file service running installed latest managed "
+          "changed result comment duration salt master job return retcode success "
+          "failed the a of to in is was for with not already configured nginx httpd "
+          "openssl kernel python3 cron user group mode owner source hash").split()
+
+
+def _text(rnd, nwords: int) -> str:
+    return " ".join(rnd.choice(_WORDS) for _ in range(nwords))
+
+
+def _record(rnd, i: int) -> dict:
+    """One state return: short strings, numbers, booleans, a nested dict, a comment."""
+    fun = rnd.choice(("pkg.installed", "file.managed", "service.running", "cmd.run", "user.present"))
+    name = rnd.choice(_WORDS) + "-" + str(rnd.randrange(1000))
+    ok = rnd.random() > 0.1
+    return {"id": f"{fun.split('.')[0]}_|-{name}_|-{name}_|-{fun.split('.')[1]}", "fun": fun,
+            "name": name, "result": ok, "retcode": 0 if ok else rnd.choice((1, 2, 127)),
+            "duration_ms": round(rnd.uniform(0.05, 2500.0), 3), "__run_num__": i,
+            "start_time": f"13:38:{rnd.randrange(60):02d}.{rnd.randrange(10 ** 6):06d}",
+            "changes": ({"old": f"1.{rnd.randrange(30)}.{rnd.randrange(9)}",
+                         "new": f"1.{rnd.randrange(30)}.{rnd.randrange(9)}"} if rnd.random() < 0.4 else {}),
+            "pchanges": {}, "warnings": [] if ok else [_text(rnd, 6)],
+            # mostly a short comment, every fifth a long one (a diff, a command's output)
+            "comment": _text(rnd, rnd.randrange(4, 16) if i % 5 != 4 else rnd.randrange(60, 200))}
+
+
+def make_records(size: int) -> dict:
+    """A job return of *size* bytes of compact JSON (to the byte while ``t`` keeps its digits).
+
+    Deterministic (seeded by *size*): a dict with a list of state records, padded
+    with a top-level ``note``.  ``t`` (the fire time) and ``seq`` are set per event.
+    """
+    import random
+    rnd = random.Random(size)
+    d = {"t": time.monotonic_ns(), "seq": 0, "jid": "20241127133800123456", "id": "minion-0042",
+         "fun": "state.apply", "success": True, "records": []}
+    used = len(_COMPACT(d))
+    recs = d["records"]
+    while True:
+        r = _record(rnd, len(recs))
+        add = len(_COMPACT(r)) + (1 if recs else 0)
+        if used + add > size:
+            break
+        recs.append(r)
+        used += add
+    pad = size - used - len(',"note":""')
+    if pad < 0 and recs:                  # no room for the note: one record fewer
+        pad += len(_COMPACT(recs.pop())) + (1 if recs else 0)
+    if pad >= 0:
+        note = _text(rnd, pad // 3 + 1)
+        d["note"] = (note + " " * pad)[:pad]
+    return d
+
+
+def payload_maker(spec: str):
+    """Return (make(seq) -> dict, encoded size or None) for a payload spec.
+
+    ``small`` and ``big`` are built per event; ``json:N`` is a :func:`make_records`
+    payload of N bytes built once, whose ``seq`` and ``t`` (the fire time) are set
+    just before each fire (both firers encode it at once, so reusing it is safe).
+    """
+    if spec in PAYLOADS:
+        return PAYLOADS[spec], None
+    base = make_records(int(spec.split(":", 1)[1]))
+    mono = time.monotonic_ns
+
+    def make(seq: int) -> dict:
+        base["seq"] = seq
+        base["t"] = mono()
+        return base
+    return make, len(_COMPACT(base).encode())
+
 # ============================================================================
 # Worker side: one role per process
 # ============================================================================
@@ -126,8 +249,27 @@ def _wait_go() -> None:
         raise SystemExit(f"expected go, got {cmd!r}")
 
 
+def _raise_nofile() -> tuple:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit; return (soft, hard)."""
+    try:
+        import resource
+    except ImportError:                  # not Unix: nothing to raise
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
 class RawListener:
-    """Baseline listener: non-blocking recv, poll() when empty, split lines, json.loads."""
+    """Baseline listener: non-blocking recv, poll() when empty, split lines, json.loads.
+
+    A frame that spans several recv()s is kept as a list of parts and joined once.
+    """
 
     def __init__(self, sock_dir: str, timeout: float = 10.0):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -140,7 +282,7 @@ class RawListener:
         self.poller = select.poll()
         self.poller.register(s.fileno(), select.POLLIN)
         self.q = deque()
-        self.buf = b""
+        self.parts = []
         self.dropped = 0
         self.gaps = 0
 
@@ -161,9 +303,18 @@ class RawListener:
                 continue
             if not chunk:
                 return None
-            data = self.buf + chunk if self.buf else chunk
-            lines = data.split(b"\n")
-            self.buf = lines.pop()
+            parts = self.parts
+            if b"\n" not in chunk:
+                parts.append(chunk)
+                continue
+            if parts:
+                parts.append(chunk)
+                chunk = b"".join(parts)
+                parts.clear()
+            lines = chunk.split(b"\n")
+            tail = lines.pop()
+            if tail:
+                parts.append(tail)
             for line in lines:
                 if line:
                     q.append(loads(line))
@@ -175,7 +326,7 @@ class RawListener:
 
 
 class RawFirer:
-    """Baseline firer: json.dumps + sendall on a blocking socket."""
+    """Baseline firer: compact json.dumps (as saltevent's) + sendall on a blocking socket."""
 
     def __init__(self, sock_dir: str):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -184,7 +335,7 @@ class RawFirer:
         self._sendall = s.sendall
 
     def fire(self, data: dict, tag: str) -> bool:
-        self._sendall((json.dumps({"tag": tag, "data": data}) + "\n").encode())
+        self._sendall((_COMPACT({"tag": tag, "data": data}) + "\n").encode())
         return True
 
     def close(self) -> None:
@@ -230,8 +381,59 @@ def _se_firer(sock_dir: str):
     return F()
 
 
+class Inspect:
+    """What a listener checks in each event it receives, as its arguments ask.
+
+    ``latency``: fire->receive time from the event's ``t`` (the first ``warmup``
+    skipped).  ``order``: events per firer; firer k sends seq k*order, k*order+1, ...
+    so each event's firer is seq // order; counts events per firer and order
+    violations (a seq not above the last one from that firer).  ``records``: the
+    length of the payload's record list, to see that big events arrived whole.
+    """
+
+    def __init__(self, a: dict):
+        self.lat = [] if a.get("latency") else None
+        self.warmup = a.get("warmup", LAT_WARMUP)
+        self.per = a.get("order")
+        self.last: dict = {}
+        self.count: dict = {}
+        self.violations = 0
+        self.records = a.get("records", False)
+        self.rec_lens: set = set()
+
+    def __call__(self, ev: dict, now: int) -> None:
+        data = ev["data"]
+        if self.lat is not None:
+            self.lat.append(now - data["t"])
+        if self.per:
+            seq = data["seq"]
+            src = seq // self.per
+            if seq <= self.last.get(src, -1):
+                self.violations += 1
+            else:
+                self.last[src] = seq
+            self.count[src] = self.count.get(src, 0) + 1
+        if self.records:
+            self.rec_lens.add(len(data.get("records") or ()))
+
+    def result(self) -> dict:
+        res = {}
+        if self.lat is not None:
+            lat = self.lat[self.warmup:] if len(self.lat) > self.warmup else self.lat
+            lat.sort()
+            res["lat"] = {"n": len(lat), "p50_ms": _pct(lat, 50) / 1e6, "p99_ms": _pct(lat, 99) / 1e6,
+                          "max_ms": lat[-1] / 1e6 if lat else None,
+                          "mean_ms": sum(lat) / len(lat) / 1e6 if lat else None}
+        if self.per:
+            res["order_violations"] = self.violations
+            res["per_firer"] = {str(k): v for k, v in sorted(self.count.items())}
+        if self.records:
+            res["record_lens"] = sorted(self.rec_lens)
+        return res
+
+
 def w_listener(a: dict) -> None:
-    """Read events; report count, first/last receive time, latency summary, drops."""
+    """Read events; report count, first/last receive time, drops and what Inspect saw."""
     if a["impl"] == "se":
         lst = _se_listener(a["sock_dir"], a.get("backlog"))
     else:
@@ -242,10 +444,9 @@ def w_listener(a: dict) -> None:
         if cmd is None:
             return
     expect = a["expect"]
-    latency = a.get("latency", False)
+    inspect = Inspect(a) if a.get("latency") or a.get("order") or a.get("records") else None
     nxt = lst.next
     mono = time.monotonic_ns
-    lat = []
     n = 0
     t_first = t_last = 0
     t_resume = mono()
@@ -258,8 +459,8 @@ def w_listener(a: dict) -> None:
             t_first = now
         n += 1
         t_last = now
-        if latency:
-            lat.append(now - ev["data"]["t"])
+        if inspect is not None:
+            inspect(ev, now)
         if n + lst.dropped >= expect:
             break
         if not n & 1023 and time.monotonic() > stop_at:
@@ -267,12 +468,8 @@ def w_listener(a: dict) -> None:
         ev = nxt(idle)
     res = {"n": n, "t_first": t_first, "t_last": t_last, "t_resume": t_resume,
            "dropped": lst.dropped, "gaps": lst.gaps}
-    if latency:
-        lat = lat[LAT_WARMUP:] or lat
-        lat.sort()
-        res["lat"] = {"n": len(lat), "p50_ms": _pct(lat, 50) / 1e6, "p99_ms": _pct(lat, 99) / 1e6,
-                      "max_ms": lat[-1] / 1e6 if lat else None,
-                      "mean_ms": sum(lat) / len(lat) / 1e6 if lat else None}
+    if inspect is not None:
+        res.update(inspect.result())
     _out({"result": res})
     lst.close()
 
@@ -290,7 +487,7 @@ def w_firer(a: dict) -> None:
         f = _se_firer(a["sock_dir"])
     else:
         f = RawFirer(a["sock_dir"])
-    make = PAYLOADS[a["payload"]]
+    make, nbytes = payload_maker(a["payload"])
     count = a["count"]
     seq0 = a.get("seq0", 0)
     rate = a.get("rate")
@@ -327,7 +524,7 @@ def w_firer(a: dict) -> None:
                 fails += 1
     t_end = mono()
     _out({"result": {"t_start": t_start, "t_end": t_end, "fails": fails,
-                     "max_call_ms": max_call / 1e6 if track else None}})
+                     "max_call_ms": max_call / 1e6 if track else None, "payload_bytes": nbytes}})
     # Keep the connection open until told: closing early can only hurt delivery.
     _in()
     f.close()
@@ -335,6 +532,7 @@ def w_firer(a: dict) -> None:
 
 def w_se_broker(a: dict) -> None:
     """Hold saltevent's broker for ``sock_dir`` in this process until stdin closes."""
+    _raise_nofile()
     import saltevent
     prof = None
     if a.get("profile"):
@@ -353,7 +551,8 @@ def w_se_broker(a: dict) -> None:
         here = path in brokers
     ev.close_pull()
     threading.setprofile(None)
-    _out({"ready": True, "pid": os.getpid(), "broker_here": here})
+    _out({"ready": True, "pid": os.getpid(), "broker_here": here,
+          "se_file": os.path.abspath(saltevent.__file__)})
     while True:
         cmd = _in()
         if cmd is None or cmd.get("cmd") == "stop":
@@ -365,7 +564,14 @@ def w_se_broker(a: dict) -> None:
 
 
 def w_relay(a: dict) -> None:
-    """The baseline relay: selector accept loop, recv from firers, sendall to listeners."""
+    """The baseline relay: selector accept loop, recv from firers, sendall to listeners.
+
+    A frame that spans several recv()s is kept as a list of parts and joined once.
+    With ``queue`` (idle1000), a listener whose socket is full does not block the
+    relay: what it cannot take yet waits, unbounded, in a deque of shared blocks
+    (the minimum a relay needs to carry on past listeners that never read).
+    """
+    _raise_nofile()
     d = a["sock_dir"]
     pull = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     pull.bind(os.path.join(d, RELAY_PULL))
@@ -374,29 +580,54 @@ def w_relay(a: dict) -> None:
     pub.bind(os.path.join(d, RELAY_PUB))
     pub.listen(128)
     sel = selectors.DefaultSelector()
-    sel.register(pull, selectors.EVENT_READ, "pull")
-    sel.register(pub, selectors.EVENT_READ, "pub")
+    sel.register(pull, selectors.EVENT_READ, ("pull", None))
+    sel.register(pub, selectors.EVENT_READ, ("pub", None))
     stdin_fd = sys.stdin.fileno()
-    sel.register(stdin_fd, selectors.EVENT_READ, "ctl")
+    sel.register(stdin_fd, selectors.EVENT_READ, ("ctl", None))
+    queue = a.get("queue", False)
     listeners = []
-    partial = {}
+    partial = {}                 # firer -> parts of its unfinished frame
+    pending = {}                 # listener -> deque of what its full socket could not take
+
+    def send_queued(lst, block) -> None:
+        q = pending.get(lst)
+        if q is not None:
+            q.append(block)
+            return
+        try:
+            n = lst.send(block)
+        except BlockingIOError:
+            n = 0
+        if n < len(block):
+            pending[lst] = deque([memoryview(block)[n:]])
+            sel.register(lst, selectors.EVENT_WRITE, ("flush", lst))
+
+    def flush(lst) -> None:
+        q = pending[lst]
+        while q:
+            try:
+                n = lst.send(q[0])
+            except BlockingIOError:
+                return
+            if n < len(q[0]):
+                q[0] = memoryview(q[0])[n:]
+                return
+            q.popleft()
+        del pending[lst]
+        sel.unregister(lst)
+
+    def drop(lst) -> None:
+        listeners.remove(lst)
+        if pending.pop(lst, None) is not None:
+            sel.unregister(lst)
+        lst.close()
+
+    send = send_queued if queue else (lambda lst, block: lst.sendall(block))
     _out({"ready": True, "pid": os.getpid()})
     while True:
         for key, _ in sel.select():
-            what = key.data
-            if what == "pull":
-                conn, _ = pull.accept()
-                partial[conn] = b""
-                sel.register(conn, selectors.EVENT_READ, conn)
-            elif what == "pub":
-                conn, _ = pub.accept()
-                conn.sendall(b"\n")
-                listeners.append(conn)
-            elif what == "ctl":
-                if not os.read(stdin_fd, 4096):
-                    return
-            else:
-                conn = what
+            what, conn = key.data
+            if what == "in":
                 chunk = conn.recv(RECV_BYTES)
                 if not chunk:
                     sel.unregister(conn)
@@ -404,19 +635,44 @@ def w_relay(a: dict) -> None:
                     conn.close()
                     continue
                 end = chunk.rfind(b"\n") + 1
-                head = partial[conn]
+                parts = partial[conn]
                 if not end:
-                    partial[conn] = head + chunk
+                    parts.append(chunk)
                     continue
-                block = head + chunk[:end] if head else chunk[:end]
-                partial[conn] = chunk[end:]
+                if parts:
+                    parts.append(chunk[:end])
+                    block = b"".join(parts)
+                    parts.clear()
+                else:
+                    block = chunk[:end]
+                if end < len(chunk):
+                    parts.append(chunk[end:])
+                dead = None
                 for lst in listeners:
                     try:
-                        lst.sendall(block)
+                        send(lst, block)
                     except OSError:
-                        listeners.remove(lst)
-                        lst.close()
-                        break
+                        dead = (dead or []) + [lst]
+                for lst in dead or ():
+                    drop(lst)
+            elif what == "flush":
+                try:
+                    flush(conn)
+                except OSError:
+                    drop(conn)
+            elif what == "pull":
+                conn, _ = pull.accept()
+                partial[conn] = []
+                sel.register(conn, selectors.EVENT_READ, ("in", conn))
+            elif what == "pub":
+                conn, _ = pub.accept()
+                conn.sendall(b"\n")
+                if queue:
+                    conn.setblocking(False)
+                listeners.append(conn)
+            elif what == "ctl":
+                if not os.read(stdin_fd, 4096):
+                    return
 
 
 def w_race_a(a: dict) -> None:
@@ -462,14 +718,48 @@ def w_race_b(a: dict) -> None:
     ev.destroy()
 
 
-WORKERS = {"listener": w_listener, "firer": w_firer, "se_broker": w_se_broker,
+def w_idle(a: dict) -> None:
+    """Hold ``count`` listeners that never read (idle1000) until stdin closes.
+
+    saltevent: ``MasterEvent(listen=True)``, with ``tags`` each declaring its own
+    non-matching prefix in ``opts['saltevent_tags']``; baseline: a connection to the
+    relay's pub socket (its one-byte acknowledgement read, then nothing).
+    """
+    soft, _ = _raise_nofile()
+    if a["impl"] == "se":
+        import saltevent
+    held = []
+    try:
+        for i in range(a["count"]):
+            if a["impl"] == "se":
+                k = a["first"] + i
+                opts = {"saltevent_tags": [f"idle/nomatch/{k}/"]} if a.get("tags") else None
+                ev = saltevent.MasterEvent(a["sock_dir"], opts=opts, listen=True)
+                held.append(ev)
+                if not ev.cpub:
+                    raise RuntimeError(f"idle listener {i} did not connect")
+            else:
+                held.append(RawListener(a["sock_dir"]))
+        _out({"ready": True, "pid": os.getpid(), "held": len(held), "nofile": soft})
+        while _in() is not None:         # never read the listeners: only wait for EOF
+            pass
+    finally:
+        for h in held:                   # MasterEvent.destroy() or RawListener.close()
+            try:
+                (getattr(h, "destroy", None) or h.close)()
+            except Exception:
+                pass
+
+
+WORKERS = {"listener": w_listener, "idle": w_idle, "firer": w_firer, "se_broker": w_se_broker,
            "relay": w_relay, "race_a": w_race_a, "race_b": w_race_b}
 
 
 def worker_main(role: str, args_json: str) -> int:
     a = json.loads(args_json)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    # The directory whose saltevent.py this worker imports: this checkout's, or the
+    # other copy's under --compare.  First on sys.path, ahead of the cwd.
+    sys.path.insert(0, a.get("se_path") or ROOT)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     prof = None
     if a.get("profile") and role != "se_broker":
@@ -512,6 +802,7 @@ class Proc:
         self.name = name
         self.err_path = os.path.join(ctx.log_dir, f"{ctx.seq:03d}-{name}.err")
         ctx.seq += 1
+        args = dict(args, se_path=ctx.se_path)
         if ctx.profile_roles and _profile_key(role, args) in ctx.profile_roles and args.get("impl", "se") == "se":
             args = dict(args, profile=os.path.join(ctx.prof_dir, f"{name}-{ctx.seq:03d}.prof"))
             ctx.prof_files.append((name, args["profile"]))
@@ -521,6 +812,7 @@ class Proc:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                 pass_fds=pass_fds, cwd=ROOT, env=ctx.env, start_new_session=True)
         self.pid = self.p.pid
+        self.is_bus = False
         self.fd = self.p.stdout.fileno()
         os.set_blocking(self.fd, False)
         self.buf = b""
@@ -600,6 +892,30 @@ class Proc:
             pass
 
 
+def reap(procs) -> None:
+    """Stop *procs*: politely first (stdin closed: brokers hand off), SIGKILL after 1 s.
+
+    Clients go first, then brokers/relays, so that no client is left to take over a bus.
+    """
+    clients = [p for p in procs if not p.is_bus]
+    if len(clients) < len(procs):
+        reap(clients)
+        procs = [p for p in procs if p.is_bus]
+    for p in procs:
+        if p.p.poll() is None:
+            try:
+                p.p.stdin.close()
+            except OSError:
+                pass
+    t_end = time.monotonic() + 1.0
+    for p in procs:
+        try:
+            p.p.wait(max(0.01, t_end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        p.kill()
+
+
 def _profile_key(role: str, args: dict) -> str:
     if role == "se_broker":
         return "broker"
@@ -619,6 +935,7 @@ class Ctx:
         self.prof_dir = cfg.profile_dir
         self.profile_roles = set(cfg.profile.split(",")) if cfg.profile else set()
         self.prof_files: list = []
+        self.se_path = ROOT        # whose saltevent.py the workers import (run_one sets it)
         # Run every worker as installed code runs: with compiled .pyc files.  The
         # environment may set PYTHONDONTWRITEBYTECODE (then every process would
         # recompile saltevent.py: ~25 ms and ~6 MB RSS); cache them outside the repo.
@@ -680,36 +997,54 @@ def read_status(pid: int) -> dict:
     return out
 
 
-def start_bus(ctx: Ctx, impl: str, d: str, deadline: float) -> Proc:
+def start_bus(ctx: Ctx, impl: str, d: str, deadline: float, queue: bool = False) -> Proc:
     if impl == "se":
         b = Proc(ctx, "se-broker", "se_broker", {"sock_dir": d})
     else:
-        b = Proc(ctx, "relay", "relay", {"sock_dir": d})
+        b = Proc(ctx, "relay", "relay", {"sock_dir": d, "queue": queue})
+    b.is_bus = True
     msg = b.recv(deadline)
     if impl == "se" and msg.get("broker_here") is False:
         raise WorkerFailed("the saltevent helper did not become the broker")
+    want = os.path.join(os.path.abspath(ctx.se_path), "saltevent.py")
+    if impl == "se" and msg.get("se_file") != want:
+        raise WorkerFailed(f"the broker imported {msg.get('se_file')}, not {want}")
     b.t_ready = time.monotonic()
     return b
 
 
-def _wait_all_ready(procs, deadline) -> None:
-    for p in procs:
-        p.recv(deadline)
+def _wait_all_ready(procs, deadline) -> list:
+    return [p.recv(deadline) for p in procs]
 
 
-# -- scenarios 1-4 -----------------------------------------------------------
+def _vmrss_kb(pid: int) -> int:
+    return read_status(pid).get("VmRSS", 0)
+
+
+# -- scenarios 1-4, fanout64, fanin16, and the phases of big and idle1000 -----
 
 
 def sc_flow(ctx: Ctx, impl: str, d: str, deadline: float, *, firers: int, listeners: int,
             count: int, payload: str = "small", rate: int | None = None,
-            latency: bool = False) -> dict:
-    """N firers -> M listeners; ``count`` events in all, split between the firers."""
-    bus = start_bus(ctx, impl, d, deadline)
+            latency: bool = False, warmup: int = LAT_WARMUP, order: bool = False,
+            idle: int = 0, idle_tags: bool = False, idle_procs: int = 10,
+            queue: bool = False) -> dict:
+    """N firers -> M listeners; ``count`` events in all, split between the firers.
+
+    ``order``: listeners check per-firer order and count per firer.  ``json:N``
+    payloads: listeners check each event's record list, and the result has MiB/s.
+    ``idle``: that many listeners that never read, held by ``idle_procs`` processes,
+    connected after the others are ready; the broker's VmRSS is read before, after
+    they connect and after the run.  ``queue``: the relay's queue mode.
+    """
+    bus = start_bus(ctx, impl, d, deadline, queue=queue)
     per = count // firers
     total = per * firers
     cap = deadline - time.monotonic()
+    big = payload.startswith("json:")
     ls = [Proc(ctx, f"listener{i}", "listener",
-               {"impl": impl, "sock_dir": d, "expect": total, "latency": latency,
+               {"impl": impl, "sock_dir": d, "expect": total, "latency": latency, "warmup": warmup,
+                "order": per if order else None, "records": big,
                 "first_wait": cap, "idle": 5.0, "max_time": cap})
           for i in range(listeners)]
     fs = [Proc(ctx, f"firer{i}", "firer",
@@ -717,6 +1052,17 @@ def sc_flow(ctx: Ctx, impl: str, d: str, deadline: float, *, firers: int, listen
                 "payload": payload, "rate": rate})
           for i in range(firers)]
     _wait_all_ready(ls + fs, deadline)
+    idle_res = {}
+    if idle:
+        rss0 = _vmrss_kb(bus.pid)
+        shares = [idle // idle_procs + (k < idle % idle_procs) for k in range(idle_procs)]
+        holders = [Proc(ctx, f"idle{k}", "idle", {"impl": impl, "sock_dir": d, "count": n,
+                                                   "first": sum(shares[:k]), "tags": idle_tags})
+                   for k, n in enumerate(shares) if n]
+        held = sum(m["held"] for m in _wait_all_ready(holders, deadline))
+        rss1 = _vmrss_kb(bus.pid)
+        idle_res = {"idle": held, "rss_kb_before_idle": rss0, "rss_kb_idle_connected": rss1,
+                    "idle_rss_kb_each": (rss1 - rss0) / held if held else None}
     rss = RssSampler(bus.pid)
     rss.start()
     t_go = time.monotonic_ns()
@@ -735,9 +1081,110 @@ def sc_flow(ctx: Ctx, impl: str, d: str, deadline: float, *, firers: int, listen
            "seconds": secs,
            "fire_seconds": (max(r["t_end"] for r in fres) - t_go) / 1e9,
            "fire_fails": sum(r["fails"] for r in fres),
-           "dropped": sum(r["dropped"] for r in lres), **mem}
+           "dropped": sum(r["dropped"] for r in lres), **mem, **idle_res}
+    if idle:
+        rss2 = _vmrss_kb(bus.pid)
+        res["idle_rss_kb_each_after_run"] = (rss2 - idle_res["rss_kb_before_idle"]) / held if held else None
     if latency:
         res.update(lres[0]["lat"])
+    if order:
+        per_firer = [lr["per_firer"] for lr in lres]
+        res["order_violations"] = sum(lr["order_violations"] for lr in lres)
+        res["lost"] = res["expected"] - got
+        res["firers_short"] = sum(1 for pf in per_firer for k in range(firers) if pf.get(str(k), 0) < per)
+    if big:
+        nbytes = fres[0]["payload_bytes"]
+        res["payload_bytes"] = nbytes
+        res["mib_s"] = got * nbytes / secs / (1 << 20) if got else 0.0
+        res["record_lens"] = sorted({n for lr in lres for n in lr["record_lens"]})
+    return res
+
+
+def sc_phase(ctx: Ctx, impl: str, d: str, deadline: float, name: str, **kw) -> dict:
+    """One :func:`sc_flow` in a fresh bus (subdirectory *name*); its processes reaped after."""
+    sub = os.path.join(d, name)
+    os.mkdir(sub)
+    first = len(ctx.procs)
+    try:
+        return sc_flow(ctx, impl, sub, deadline, **kw)
+    finally:
+        procs = ctx.procs[first:]
+        del ctx.procs[first:]
+        reap(procs)
+
+
+# -- big and idle1000 ----------------------------------------------------------
+
+BIG_SIZES = (("1k", 1 << 10), ("64k", 64 << 10), ("900k", 900 << 10))   # label, payload bytes
+BIG_LAT_RATE = 20                 # events/s in big's latency phases
+BIG_LAT_SIZES = ("64k", "900k")
+
+
+def sc_big(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
+    """MiB/s 1 -> 1 at each size in BIG_SIZES, then latency at 20/s for 64 KiB and 900 KiB."""
+    cfg = ctx.cfg
+    size = dict(BIG_SIZES)
+    res = {}
+    for label, nbytes in BIG_SIZES:
+        r = sc_phase(ctx, impl, d, deadline, f"t{label}", firers=1, listeners=1,
+                     count=cfg.big_events[label], payload=f"json:{nbytes}")
+        for key in ("mib_s", "rate", "received", "expected", "dropped", "fire_fails",
+                    "payload_bytes", "record_lens", "rss_growth_mb"):
+            res[f"{key}_{label}"] = r[key]
+    for label in BIG_LAT_SIZES:
+        r = sc_phase(ctx, impl, d, deadline, f"l{label}", firers=1, listeners=1,
+                     count=cfg.big_lat_events, payload=f"json:{size[label]}", rate=BIG_LAT_RATE,
+                     latency=True, warmup=cfg.big_lat_warmup)
+        for key in ("p50_ms", "p99_ms", "max_ms", "n", "received", "expected", "dropped"):
+            res[f"lat_{key}_{label}"] = r.get(key)
+    return res
+
+
+IDLE_FD_MARGIN = 64               # fds a broker or holder needs besides the idle connections
+
+
+def idle_count(cfg) -> tuple:
+    """How many idle listeners the hard fd limit allows: (count, hard limit, scaled down?).
+
+    Workers inherit this process's hard RLIMIT_NOFILE and raise their soft limit to it.
+    """
+    try:
+        import resource
+    except ImportError:
+        return cfg.idle_listeners, None, False
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    n = cfg.idle_listeners
+    if hard != resource.RLIM_INFINITY:
+        n = max(0, min(n, hard - IDLE_FD_MARGIN))
+    return n, hard, n < cfg.idle_listeners
+
+
+def sc_idle(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
+    """1 -> 1 with no idle listeners, then (a) with plain ones, then (b) with declared tags.
+
+    Each phase has a fresh bus.  The baseline relay runs in queue mode in all of them
+    (a blocking relay would stop at the first full idle socket); it has no filters,
+    so (b) would be (a) again: it is not run, and its figures are (a)'s.
+    """
+    cfg = ctx.cfg
+    n, hard, scaled = idle_count(cfg)
+    kw = dict(firers=1, listeners=1, count=cfg.idle_events, queue=True, idle_procs=cfg.idle_procs)
+    ref = sc_phase(ctx, impl, d, deadline, "ref", **kw)
+    a = sc_phase(ctx, impl, d, deadline, "a", idle=n, **kw)
+    b = sc_phase(ctx, impl, d, deadline, "b", idle=n, idle_tags=True, **kw) if impl == "se" else a
+    res = {"idle": n, "idle_procs": cfg.idle_procs, "nofile_hard": hard, "scaled_down": scaled,
+           "b_is_a": impl != "se", "events": ref["events"]}
+    for tag, r in (("ref", ref), ("a", a), ("b", b)):
+        res[f"rate_{tag}"] = r["rate"]
+        res[f"received_{tag}"] = r["received"]
+        res[f"expected_{tag}"] = r["expected"]
+        res[f"dropped_{tag}"] = r["dropped"]
+        res[f"rss_growth_mb_{tag}"] = r["rss_growth_mb"]
+        if tag != "ref":
+            res[f"slowdown_{tag}"] = ref["rate"] / r["rate"] if r["rate"] else None
+            res[f"held_{tag}"] = r["idle"]
+            res[f"rss_kb_each_{tag}"] = r["idle_rss_kb_each"]
+            res[f"rss_kb_each_after_run_{tag}"] = r["idle_rss_kb_each_after_run"]
     return res
 
 
@@ -836,9 +1283,9 @@ def sc_joinrace(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
 # -- scenario 7 --------------------------------------------------------------
 
 
-def _time_cmd(argv, env, deadline) -> float:
+def _time_cmd(argv, env, deadline, cwd) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    r = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        timeout=max(1.0, deadline - time.monotonic()))
     dt = time.perf_counter() - t0
     if r.returncode != 0:
@@ -857,20 +1304,21 @@ def sc_coldstart(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
 
 
 def _coldstart(ctx: Ctx, d: str, py: str, env: dict, nopyc_env: dict, deadline: float) -> dict:
+    cwd = ctx.se_path                                       # `import saltevent` finds that copy
     fire = ("import saltevent; e = saltevent.MasterEvent(%r, listen=False); "
             "ok = e.fire_event({'a': 1}, 'x'); e.destroy(); raise SystemExit(0 if ok else 3)" % d)
     bare = [py, "-c", "pass"]
     se = [py, "-c", fire]
     for _ in range(2):                                      # warm the page cache and .pyc
-        _time_cmd(bare, env, deadline)
-        _time_cmd(se, env, deadline)
+        _time_cmd(bare, env, deadline, cwd)
+        _time_cmd(se, env, deadline, cwd)
     t_bare, t_se, t_nopyc = [], [], []
     for _ in range(ctx.cfg.cold_runs):                      # interleaved: same noise for both
-        t_bare.append(_time_cmd(bare, env, deadline))
-        t_se.append(_time_cmd(se, env, deadline))
+        t_bare.append(_time_cmd(bare, env, deadline, cwd))
+        t_se.append(_time_cmd(se, env, deadline, cwd))
     for _ in range(max(3, ctx.cfg.cold_runs // 4)):
-        t_nopyc.append(_time_cmd(se, nopyc_env, deadline))
-    r = subprocess.run([py, "-X", "importtime", "-c", "import saltevent"], cwd=ROOT, env=env,
+        t_nopyc.append(_time_cmd(se, nopyc_env, deadline, cwd))
+    r = subprocess.run([py, "-X", "importtime", "-c", "import saltevent"], cwd=cwd, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
     imports = []
     for line in r.stderr.decode(errors="replace").splitlines():
@@ -911,14 +1359,18 @@ def _parse_importtime(line: str):
 
 # -- running ----------------------------------------------------------------
 
-SCENARIOS = ["throughput", "fanout", "fanin", "latency", "stall", "joinrace", "coldstart"]
+SCENARIOS = ["throughput", "fanout", "fanin", "latency", "stall", "joinrace", "coldstart",
+             "fanout64", "fanin16", "big", "idle1000"]
 SE_ONLY = {"joinrace", "coldstart"}
+# Default hard timeout of one run of a scenario, seconds: (--quick, full).
+TIMEOUTS = {name: (20, 120) for name in SCENARIOS}
+TIMEOUTS.update(fanout64=(45, 120), fanin16=(30, 120), big=(60, 180), idle1000=(60, 180))
 
 
 def run_one(ctx: Ctx, name: str, impl: str) -> dict:
     cfg = ctx.cfg
     d = tempfile.mkdtemp(prefix="se-b")
-    deadline = time.monotonic() + cfg.timeout
+    deadline = time.monotonic() + (cfg.timeout or TIMEOUTS[name][0 if cfg.quick else 1])
     try:
         if name == "throughput":
             return sc_flow(ctx, impl, d, deadline, firers=1, listeners=1, count=cfg.events)
@@ -935,24 +1387,21 @@ def run_one(ctx: Ctx, name: str, impl: str) -> dict:
             return sc_joinrace(ctx, impl, d, deadline)
         if name == "coldstart":
             return sc_coldstart(ctx, impl, d, deadline)
+        if name == "fanout64":
+            return sc_flow(ctx, impl, d, deadline, firers=1, listeners=64, count=cfg.fanout64_events)
+        if name == "fanin16":
+            return sc_flow(ctx, impl, d, deadline, firers=16, listeners=1, count=cfg.fanin16_events,
+                           order=True)
+        if name == "big":
+            return sc_big(ctx, impl, d, deadline)
+        if name == "idle1000":
+            return sc_idle(ctx, impl, d, deadline)
         raise ValueError(name)
     except (ScenarioTimeout, WorkerFailed, subprocess.TimeoutExpired, OSError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         procs, ctx.procs = ctx.procs, []
-        for p in procs:           # ask politely first (brokers hand off), then make sure
-            if p.p.poll() is None:
-                try:
-                    p.p.stdin.close()
-                except OSError:
-                    pass
-        t_end = time.monotonic() + 1.0
-        for p in procs:
-            try:
-                p.p.wait(max(0.01, t_end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            p.kill()
+        reap(procs)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -975,6 +1424,9 @@ def median_result(runs: list) -> dict:
 
 
 # -- report -----------------------------------------------------------------
+
+
+IMPL_NAMES = {"saltevent": "saltevent", "other": "old", "baseline": "baseline"}   # result key -> shown
 
 
 def fmt_num(v, unit=""):
@@ -1001,7 +1453,7 @@ def fmt_num(v, unit=""):
 
 
 def build_rows(results: dict, cfg) -> list:
-    """Rows: (scenario, metric, saltevent, baseline, ratio, better, target, met)."""
+    """Rows: (scenario, metric, saltevent, baseline, ratio, better, target, met[, old, new/old])."""
     rows = []
 
     def get(name, impl, key):
@@ -1028,6 +1480,12 @@ def build_rows(results: dict, cfg) -> list:
             "met": "" if met is None else ("yes" if met else "NO"),
             "raw": {"saltevent": s, "baseline": b, "ratio": ratio},
         })
+        if cfg.compare:                 # the other copy's figure and the plain quotient new/old
+            o, o_err = get(name, "other", key)
+            new_old = s / o if isinstance(s, (int, float)) and isinstance(o, (int, float)) and o else None
+            rows[-1].update({"old": "ERROR" if o_err else fmt_num(o, unit),
+                             "new/old": "-" if new_old is None else f"{new_old:.2f}"})
+            rows[-1]["raw"].update(old=o, new_old=new_old)
 
     ge = lambda s, t: s >= t  # noqa: E731
     le = lambda s, t: s <= t  # noqa: E731
@@ -1068,7 +1526,38 @@ def build_rows(results: dict, cfg) -> list:
             rows[-1]["met"] = "yes" if ratio and ratio <= 1.3 else "NO"
             rows[-1]["raw"] = {"saltevent": m.get("fire_ms"), "baseline": m.get("bare_ms"), "ratio": ratio}
             row("coldstart", "import saltevent us (cum.)", "import_saltevent_us", "info")
+    row("fanout64", f"1->64 deliveries/s ({cfg.fanout64_events:,} ev)", "rate", "higher")
+    row("fanin16", f"16->1 events/s ({cfg.fanin16_events:,} ev)", "rate", "higher")
+    row("fanin16", "lost events", "lost", "info", 0, cmp=le, note="0")
+    row("fanin16", "order violations", "order_violations", "info", 0, cmp=le, note="0")
+    for label, _ in BIG_SIZES:
+        row("big", f"{_size_name(label)} MiB/s ({cfg.big_events[label]:,} ev)", f"mib_s_{label}", "higher")
+    for label in BIG_LAT_SIZES:
+        for pct in ("p50", "p99"):
+            row("big", f"{_size_name(label)} {pct} ms @{BIG_LAT_RATE}/s", f"lat_{pct}_ms_{label}", "lower")
+    idle = _idle_label(results)
+    row("idle1000", f"1->1 events/s, no idle ({cfg.idle_events:,} ev)", "rate_ref", "higher")
+    row("idle1000", f"(a) 1->1 events/s, {idle} idle", "rate_a", "higher")
+    row("idle1000", "(a) slowdown vs no idle", "slowdown_a", "lower", unit="x")
+    row("idle1000", f"(b) 1->1 events/s, {idle} idle+tags", "rate_b", "higher")
+    row("idle1000", "(b) slowdown vs no idle", "slowdown_b", "lower", unit="x")
+    row("idle1000", "(a) broker RSS KB per idle", "rss_kb_each_a", "lower")
+    row("idle1000", "(b) broker RSS KB per idle", "rss_kb_each_b", "lower")
+    base = results.get("idle1000", {}).get("baseline", {}).get("median", {})
+    if base.get("b_is_a"):              # not measured: the relay has no filters
+        for r in rows:
+            if r["scenario"] == "idle1000" and r["metric"].startswith("(b)") and r["baseline"] != "ERROR":
+                r["baseline"] += " *"
     return rows
+
+
+def _size_name(label: str) -> str:
+    return label[:-1] + " KiB"
+
+
+def _idle_label(results: dict) -> str:
+    counts = {r["median"].get("idle") for r in results.get("idle1000", {}).values()} - {None}
+    return "/".join(f"{n:,}" for n in sorted(counts)) or "1,000"
 
 
 def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> None:
@@ -1083,8 +1572,18 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
           f" at end {' '.join(f'{x:.2f}' for x in end)}  (other work on the machine adds noise)")
     p("ratio: higher-is-better metrics saltevent/baseline, lower-is-better baseline/saltevent;"
       " so > 1.00x means saltevent is better.")
+    if cfg.compare:
+        c = meta.get("compare", {})
+        p(f"compare: new = {meta.get('saltevent_path')} ({meta['saltevent_version']},"
+          f" {meta.get('saltevent_commit') or '?'})")
+        p(f"         old = {c.get('path')} ({c.get('version')}, {c.get('commit') or '?'})")
+        p("         run interleaved in each repetition: new, old, baseline.")
+        p("new/old is the plain quotient of the two figures: > 1 is better where higher is better"
+          " (rates, MiB/s), < 1 where lower is (ms, MB, slowdown).")
     p("")
     cols = ["scenario", "metric", "saltevent", "baseline", "ratio", "target", "met"]
+    if cfg.compare:
+        cols[3:3] = ["old", "new/old"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
     p("  ".join(c.ljust(widths[c]) for c in cols))
     p("  ".join("-" * widths[c] for c in cols))
@@ -1093,7 +1592,7 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
         sc = r["scenario"] if r["scenario"] != last else ""
         last = r["scenario"]
         cells = dict(r, scenario=sc)
-        p("  ".join((str(cells[c]).rjust(widths[c]) if c in ("saltevent", "baseline", "ratio")
+        p("  ".join((str(cells[c]).rjust(widths[c]) if c in ("saltevent", "old", "new/old", "baseline", "ratio")
                      else str(cells[c]).ljust(widths[c])) for c in cols))
     p("")
     notes = []
@@ -1108,18 +1607,19 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
                 f" stalled read {fmt_num(m['stalled_received'])} + dropped {fmt_num(m['stalled_dropped'])}"
                 f" in {fmt_num(m['stalled_read_seconds'])} s after resuming, RSS {fmt_num(m['rss_start_mb'])} ->"
                 f" {fmt_num(m['rss_peak_mb'])} MB, broker stderr lines {m.get('broker_stderr_lines')}")
-    for name in ("throughput", "fanout", "fanin", "latency"):
-        for impl in ("saltevent", "baseline"):
+    for name in ("throughput", "fanout", "fanin", "latency", "fanout64", "fanin16"):
+        for impl in ("saltevent", "other", "baseline"):
             m = results.get(name, {}).get(impl, {}).get("median", {})
             if m and "error" not in m and (m.get("received") != m.get("expected") or m.get("fire_fails")
                                            or m.get("dropped")):
-                notes.append(f"{name}/{impl}: received {m.get('received')} of {m.get('expected')},"
+                notes.append(f"{name}/{IMPL_NAMES[impl]}: received {m.get('received')} of {m.get('expected')},"
                              f" fire fails {m.get('fire_fails')}, dropped {m.get('dropped')}")
     for name, impls in results.items():
         for impl, r in impls.items():
             for e in r.get("errors", []) + ([r["median"]["error"]] if "error" in r.get("median", {}) else []):
-                notes.append(f"{name}/{impl} ERROR: {e.splitlines()[0] if e else e}"
+                notes.append(f"{name}/{IMPL_NAMES[impl]} ERROR: {e.splitlines()[0] if e else e}"
                              + (f" ... {e.splitlines()[-1]}" if e and len(e.splitlines()) > 1 else ""))
+    notes += new_scenario_notes(results)
     cs = results.get("coldstart", {}).get("saltevent", {}).get("median", {})
     if cs and "error" not in cs:
         notes.append(f"coldstart: median of {cs['runs']}: fire-one-event {fmt_num(cs['fire_ms'])} ms,"
@@ -1140,7 +1640,118 @@ def print_table(rows: list, meta: dict, results: dict, cfg, out=sys.stdout) -> N
             p("  " + n)
 
 
-def collect_meta() -> dict:
+def new_scenario_notes(results: dict) -> list:
+    """Checks and side figures of fanin16, big and idle1000, one line each."""
+    notes = []
+    for impl in ("saltevent", "other", "baseline"):
+        name = IMPL_NAMES[impl]
+        m = results.get("fanin16", {}).get(impl, {}).get("median", {})
+        if m and "error" not in m and (m.get("lost") or m.get("order_violations") or m.get("firers_short")):
+            notes.append(f"fanin16/{name}: lost {m['lost']}, order violations {m['order_violations']},"
+                         f" firers short of their events {m['firers_short']}")
+        m = results.get("big", {}).get(impl, {}).get("median", {})
+        if m and "error" not in m:
+            parts = []
+            for label, _ in BIG_SIZES:
+                parts.append(f"{_size_name(label)}: {m[f'payload_bytes_{label}']:,} B x"
+                             f" {m[f'received_{label}']:,}/{m[f'expected_{label}']:,} received"
+                             + (f", dropped {m[f'dropped_{label}']}" if m[f"dropped_{label}"] else "")
+                             + (f", fire fails {m[f'fire_fails_{label}']}" if m[f"fire_fails_{label}"] else "")
+                             + (f", record counts seen {m[f'record_lens_{label}']} (trimmed?)"
+                                if len(m[f"record_lens_{label}"]) != 1 else ""))
+            lat = ", ".join(f"{_size_name(label)} {m[f'lat_received_{label}']}/{m[f'lat_expected_{label}']}"
+                            f" (p50/p99 of {m[f'lat_n_{label}']}, max {fmt_num(m[f'lat_max_ms_{label}'])} ms)"
+                            for label in BIG_LAT_SIZES)
+            notes.append(f"big/{name}: {'; '.join(parts)}; latency runs received {lat}")
+        m = results.get("idle1000", {}).get(impl, {}).get("median", {})
+        if m and "error" not in m:
+            short = [t for t in ("ref", "a", "b") if m[f"received_{t}"] != m[f"expected_{t}"] or m[f"dropped_{t}"]]
+            notes.append(
+                f"idle1000/{name}: {m['idle']:,} idle listeners in {m.get('idle_procs', '?')} processes"
+                + (f" (SCALED DOWN from 1,000: hard RLIMIT_NOFILE {m['nofile_hard']})" if m["scaled_down"] else "")
+                + f"; broker RSS KB per idle after the 1->1 run (queued events included):"
+                  f" (a) {fmt_num(m['rss_kb_each_after_run_a'])}, (b) {fmt_num(m['rss_kb_each_after_run_b'])}"
+                + f"; broker RSS growth during the run MB: no idle {fmt_num(m['rss_growth_mb_ref'])},"
+                  f" (a) {fmt_num(m['rss_growth_mb_a'])}, (b) {fmt_num(m['rss_growth_mb_b'])}"
+                + (f"; the 1->1 listener MISSED events in {short}" if short else "")
+                + ("; * (b) = (a): the relay has no filters, so (b) is not run" if m.get("b_is_a") else ""))
+    return notes
+
+
+GROWTH = (
+    ("deliveries/s by number of listeners (1 firer; throughput, fanout, fanout64)",
+     (("1", "throughput", "rate"), ("8", "fanout", "rate"), ("64", "fanout64", "rate"))),
+    ("MiB/s by event size (1 firer -> 1 listener; big)",
+     tuple((_size_name(label), "big", f"mib_s_{label}") for label, _ in BIG_SIZES)),
+)
+
+
+def growth(results: dict) -> list:
+    """The chart's data: [(title, [(point, {series: value})])], series in table order."""
+    charts = []
+    for title, points in GROWTH:
+        rows = []
+        for point, name, key in points:
+            vals = {}
+            for impl in ("saltevent", "other", "baseline"):
+                v = results.get(name, {}).get(impl, {}).get("median", {}).get(key)
+                if isinstance(v, (int, float)):
+                    vals[impl] = v
+            rows.append((point, vals))
+        if any(vals for _, vals in rows):
+            charts.append((title, rows))
+    return charts
+
+
+def print_chart(results: dict, out=sys.stdout, bar_width: int = 38) -> None:
+    """Bars to scale within each chart; xN is the figure over the same series' first point."""
+    for title, rows in growth(results):
+        top = max(v for _, vals in rows for v in vals.values()) or 1
+        first: dict = {}
+        print(f"\n{title}", file=out)
+        for point, vals in rows:
+            label = point
+            for impl in ("saltevent", "other", "baseline"):
+                if impl not in vals:
+                    continue
+                v = vals[impl]
+                grow = f"x{v / first[impl]:.2f}" if first.get(impl) else ""
+                first.setdefault(impl, v)
+                bar = "#" * max(1, round(v / top * bar_width))
+                line = f"  {label:>7}  {IMPL_NAMES[impl]:<9} |{bar:<{bar_width}}| {fmt_num(v):>9} {grow:>6}"
+                print(line.rstrip(), file=out)
+                label = ""
+            if not vals:
+                print(f"  {point:>7}  (not run)", file=out)
+
+
+def _git_commit(path: str):
+    """The last commit that changed *path*/saltevent.py, "+ changes" if it has uncommitted ones."""
+    try:
+        git = ["git", "-C", path]
+        r = subprocess.run(git + ["log", "-1", "--format=%h %s", "--", "saltevent.py"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0 or not r.stdout.strip():
+            return None
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "saltevent.py"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return r.stdout.strip()[:60] + (" + changes" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _file_version(path: str):
+    """``__version__`` of a saltevent.py read as text (two copies cannot both be imported)."""
+    import re
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = re.search(r"""^__version__ = ["']([^"']+)["']""", f.read(), re.M)
+        return m.group(1) if m else "?"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
+
+def collect_meta(cfg=None) -> dict:
     try:
         sys.path.insert(0, ROOT)
         import saltevent
@@ -1151,11 +1762,16 @@ def collect_meta() -> dict:
     finally:
         if sys.path and sys.path[0] == ROOT:
             sys.path.pop(0)
-    return {"python": platform.python_version(), "implementation": platform.python_implementation(),
+    meta = {"python": platform.python_version(), "implementation": platform.python_implementation(),
             "executable": sys.executable, "cpus": os.cpu_count(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "platform": platform.platform(), "saltevent_version": version, "saltevent_path": path,
+            "saltevent_commit": _git_commit(ROOT),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if cfg is not None and cfg.compare:
+        other = os.path.join(cfg.compare, "saltevent.py")
+        meta["compare"] = {"path": other, "version": _file_version(other), "commit": _git_commit(cfg.compare)}
+    return meta
 
 
 def print_profiles(ctx: Ctx, out) -> None:
@@ -1180,7 +1796,11 @@ def parse_args(argv):
     ap.add_argument("--repeat", type=int, default=None, help="repetitions, median reported (default 3; quick 1)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--impl", default="both", choices=["both", "saltevent", "baseline"])
-    ap.add_argument("--timeout", type=float, default=None, help="hard per-scenario timeout, s")
+    ap.add_argument("--compare", metavar="PATH", default=None,
+                    help="also run every saltevent scenario on PATH/saltevent.py (another checkout),"
+                         " interleaved with this one's; the table gets its figure and new/old")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="hard timeout of one run of one scenario, s (default: 120-180; quick 20-60)")
     ap.add_argument("--profile", default="",
                     help="cProfile saltevent workers of these roles: firer,listener,stalled,broker")
     ap.add_argument("--profile-dir", default=None, help="where .prof files go (default: a temp dir)")
@@ -1188,7 +1808,6 @@ def parse_args(argv):
     cfg = ap.parse_args(argv)
     q = cfg.quick
     cfg.repeat = cfg.repeat or (1 if q else 3)
-    cfg.timeout = cfg.timeout or (20.0 if q else 120.0)
     cfg.events = 5000 if q else 20000
     cfg.latency_seconds = 1.0 if q else 3.0
     cfg.stall_events = 10000 if q else 50000
@@ -1197,6 +1816,14 @@ def parse_args(argv):
     cfg.settle = 0.0 if q else 3.5
     cfg.race_rounds = 50 if q else 200
     cfg.cold_runs = 5 if q else 20
+    cfg.fanout64_events = 1000 if q else 5000
+    cfg.fanin16_events = 8000 if q else 32000         # 500 or 2,000 per firer
+    cfg.big_events = {"1k": 3000, "64k": 200, "900k": 20} if q else {"1k": 20000, "64k": 1500, "900k": 120}
+    cfg.big_lat_events = 20 if q else 100            # per size, at BIG_LAT_RATE/s
+    cfg.big_lat_warmup = 2 if q else 5
+    cfg.idle_listeners = 1000
+    cfg.idle_procs = 10
+    cfg.idle_events = 10000 if q else 50000
     return cfg
 
 
@@ -1213,8 +1840,20 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     names = [s for s in SCENARIOS if not cfg.only or s in cfg.only.split(",")]
-    impls = {"both": ["se", "base"], "saltevent": ["se"], "baseline": ["base"]}[cfg.impl]
-    meta = collect_meta()
+    if cfg.compare:
+        cfg.compare = os.path.abspath(cfg.compare)
+        if not os.path.isfile(os.path.join(cfg.compare, "saltevent.py")):
+            print(f"--compare: no saltevent.py in {cfg.compare}", file=sys.stderr)
+            return 2
+    # (result key, worker impl, directory whose saltevent.py the workers import)
+    variants = []
+    if cfg.impl in ("both", "saltevent"):
+        variants.append(("saltevent", "se", ROOT))
+        if cfg.compare:
+            variants.append(("other", "se", cfg.compare))
+    if cfg.impl in ("both", "baseline"):
+        variants.append(("baseline", "base", ROOT))
+    meta = collect_meta(cfg)
     ctx = Ctx(cfg)
     results: dict = {}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -1227,18 +1866,19 @@ def main(argv=None) -> int:
     interrupted = False
     try:
         for name in names:
-            runs = {"saltevent": [], "baseline": []}
+            runs = {key: [] for key, _, _ in variants}
             for rep in range(cfg.repeat):
-                for impl in impls:
+                for key, impl, se_path in variants:      # interleaved: new, old, baseline, new, ...
                     if impl == "base" and name in SE_ONLY:
                         continue
-                    key = "saltevent" if impl == "se" else "baseline"
+                    ctx.se_path = se_path
                     t = time.monotonic()
                     r = run_one(ctx, name, impl)
                     runs[key].append(r)
                     results[name] = {k: {"runs": v, "median": median_result(v)}
                                      for k, v in runs.items() if v}
-                    log(f"[{time.monotonic() - t0:6.1f}s] {name:<10} {key:<9} rep {rep + 1}/{cfg.repeat}"
+                    log(f"[{time.monotonic() - t0:6.1f}s] {name:<10} {'old' if key == 'other' else key:<9}"
+                        f" rep {rep + 1}/{cfg.repeat}"
                         f" ({time.monotonic() - t:.1f}s){'  ERROR: ' + r['error'].splitlines()[0] if 'error' in r else ''}")
     except KeyboardInterrupt:
         interrupted = True
@@ -1252,11 +1892,15 @@ def main(argv=None) -> int:
             meta["loadavg_end"] = os.getloadavg()
         doc = {"meta": meta, "config": {k: v for k, v in vars(cfg).items() if k != "worker"},
                "elapsed_seconds": time.monotonic() - t0, "interrupted": interrupted,
-               "table": [{k: v for k, v in r.items()} for r in rows], "results": results}
+               "table": [{k: v for k, v in r.items()} for r in rows],
+               "growth": {title: {point: vals for point, vals in rows_}
+                          for title, rows_ in growth(results)},
+               "results": results}
         json.dump(doc, sys.stdout, indent=1, default=str)
         print()
     else:
         print_table(rows, meta, results, cfg)
+        print_chart(results)
         print(f"\nelapsed {time.monotonic() - t0:.1f} s")
     if ctx.prof_files:
         print_profiles(ctx, sys.stderr if cfg.json else sys.stdout)
