@@ -72,13 +72,18 @@ except ImportError:  # Windows: no flock, and no AF_UNIX in older builds
 
 class _Log:
     """The ``saltevent`` logger, imported on first use: a process that only fires
-    events never logs, and ``logging`` is the largest import it would pay for."""
+    events never logs, and ``logging`` is the largest import it would pay for.
+    It stays the module's ``log`` for good, so ``mock.patch.object(saltevent.log, ...)``
+    works as it does on ``salt.utils.event.log``."""
+
+    _logger = None
 
     def __getattr__(self, name: str) -> Any:
-        global log
-        import logging
-        log = logging.getLogger("saltevent")
-        return getattr(log, name)
+        logger = _Log._logger
+        if logger is None:
+            import logging
+            logger = _Log._logger = logging.getLogger("saltevent")
+        return getattr(logger, name)
 
 
 log = _Log()
@@ -1055,6 +1060,9 @@ class _Block:
         self.msg = msg             # a control block's message, when it may change
 
 
+_BYE_FRAME = _encode_control({"ctl": "bye"})
+
+
 def _control_block(msg: dict) -> _Block:
     frame = _encode_control(msg)
     return _Block((frame,), len(frame), msg=msg)
@@ -1168,7 +1176,684 @@ class _Ring:
         self.shrink(release)
 
 
-class Broker:
+class _Intake:
+    """Part of Broker: reading clients, within the input budget, and deciding what each
+    frame may do; the one door every byte a client sends goes through.  Runs on the
+    broker thread."""
+
+    def _on_readable(self, peer: _Peer) -> None:
+        """Read what *peer* sent, within the input budget, and act on its frames.
+        Runs on the broker thread."""
+        reader = peer.reader
+        if reader.need and not self._allot(peer):
+            return
+        if reader.buf is not None:
+            limit = _RECV_BYTES
+        else:
+            limit = min(_RECV_BYTES, _INPUT_BUDGET - self._in_held)
+            if limit < _BIG_FRAME and self._make_room(peer, _BIG_FRAME):
+                limit = min(_RECV_BYTES, _INPUT_BUDGET - self._in_held)
+            if limit < _HDR_SIZE:
+                self._pause(peer)
+                return
+        held = reader.held
+        try:
+            frames = reader.read(peer.sock, limit)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError:
+            reader.eof = True
+            frames = []
+        except FrameError as exc:
+            self._drop(peer, str(exc))
+            return
+        except OSError as exc:
+            self._drop(peer, f"read failed: {exc}")
+            return
+        self._in_held += reader.held - held
+        if frames:
+            self._on_frames(peer, frames)
+            if not peer.alive:
+                return
+        if reader.eof:
+            if reader.held:
+                log.warning("client of %s (pid %d) closed mid-frame; dropped %d bytes",
+                            self.bus.path, peer.pid, reader.held)
+            self._drop(peer, "")
+            return
+        if reader.need:
+            self._allot(peer)
+        if reader.held:
+            self._partial.add(peer)
+        else:
+            self._partial.discard(peer)
+            if held:
+                self._resume_paused()
+
+    def _allot(self, peer: _Peer) -> bool:
+        """Give *peer*'s unfinished big frame a buffer of its own if the input budget
+        allows, evicting clients that sit on old unfinished frames; else pause it."""
+        reader = peer.reader
+        extra = reader.need - reader.held
+        if not self._make_room(peer, extra):
+            self._pause(peer)
+            return False
+        reader.alloc()
+        self._in_held += extra
+        self._partial.add(peer)
+        if peer.paused:
+            peer.paused = False
+            self._watch(peer)
+        return True
+
+    def _make_room(self, peer: _Peer, size: int) -> bool:
+        """Return True if *size* more bytes fit the input budget, evicting clients that
+        have sat on an unfinished frame for ``_EVICT_AGE`` or more to make room."""
+        if self._in_held + size <= _INPUT_BUDGET:
+            return True
+        now = time.monotonic()
+        for other in sorted(self._partial, key=lambda p: p.reader.since):
+            if self._in_held + size <= _INPUT_BUDGET:
+                break
+            if other is not peer and now - other.reader.since >= _EVICT_AGE:
+                self._drop(other, f"evicted: held an unfinished frame of {other.reader.held} "
+                                  f"bytes for {now - other.reader.since:.1f} s while the "
+                                  "broker's input budget was spent")
+        return self._in_held + size <= _INPUT_BUDGET
+
+    def _pause(self, peer: _Peer) -> None:
+        if not peer.paused:
+            peer.paused = True
+            self._paused.append(peer)
+            self._watch(peer)
+            self._warn("budget", "broker of %s is holding %d bytes of unfinished frames; "
+                       "pausing clients until some finish", self.bus.path, self._in_held)
+
+    def _resume_paused(self) -> None:
+        paused = self._paused
+        while paused and _INPUT_BUDGET - self._in_held >= _BIG_FRAME:
+            peer = paused.popleft()
+            if peer.alive and peer.paused:
+                peer.paused = False
+                self._watch(peer)
+
+    def _on_frames(self, peer: _Peer, frames: list) -> None:
+        """Decide what each frame of *peer* may do: events are relayed, a client's controls
+        answered, anything else drops the client.  Runs on the broker thread."""
+        tags = []
+        ends = []
+        run = None
+        for kind, tag, data, start, _body, end in frames:
+            if kind == _EVENT:
+                if run is None:
+                    run = start
+                tags.append(tag)
+                ends.append(end)
+                continue
+            if run is not None:
+                self._publish(peer, data, run, tags, ends)
+                run = None
+                tags = []
+                ends = []
+            if kind == _MARK:
+                self._drop(peer, "sent a sequence mark (only the broker numbers events)")
+                return
+            try:
+                self._control(peer, _decode_control(data[_body:end]))
+            except FrameError as exc:
+                self._drop(peer, str(exc))
+                return
+            if not peer.alive:
+                return
+        if run is not None:
+            self._publish(peer, frames[-1][2], run, tags, ends)
+
+    def _control(self, peer: _Peer, msg: dict) -> None:
+        """Answer one control frame a client may send.  Runs on the broker thread."""
+        ctl = msg["ctl"]
+        if ctl == "sub":
+            self._subscribe(peer, msg)
+        elif ctl == "stats":
+            if peer.stats_pending is not None:
+                self._drop(peer, "asked for stats again before reading the answer")
+                return
+            block = _control_block({"ctl": "stats", "stats": self.stats()})
+            if self._ctl_held + block.size > _CONTROL_BUDGET:
+                self._drop(peer, "control replies for clients that do not read them are "
+                                 f"over {_CONTROL_BUDGET} bytes")
+                return
+            peer.stats_pending = block
+            self._queue_control(peer, block)
+        else:
+            self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
+
+
+class _Listeners:
+    """Part of Broker: registering listeners, replaying the ring, numbering events and
+    queueing them for the listeners that want them.  Runs on the broker thread."""
+
+    def _subscribe(self, peer: _Peer, msg: dict) -> None:
+        """Register *peer* as a listener: reply ``ok``, replay what it asked for, then
+        relay live events, atomically.  Runs on the broker thread."""
+        if peer.listener:
+            self._drop(peer, "subscribed twice")
+            return
+        try:
+            backlog = _opt_int(msg, "backlog")
+            since = _opt_int(msg, "since", minimum=0)
+            last = _opt_int(msg, "last", minimum=0)
+            epoch = _opt_str(msg, "epoch")
+            lid = _opt_str(msg, "lid")
+            tags = msg.get("tags")
+            if tags is not None:
+                if (not isinstance(tags, list) or len(tags) > _MAX_TAG_FILTERS
+                        or not all(isinstance(t, str) and len(t) <= 1024 for t in tags)):
+                    raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
+                                     "strings")
+                filters = [_tag_filter(t) for t in tags]
+            else:
+                filters = None
+        except ValueError as exc:
+            self._drop(peer, f"bad subscription: {exc}")
+            return
+        peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
+        peer.lid = lid
+        ring = self._ring
+        self._queue_control(peer, _control_block({
+            "ctl": "ok", "pid": os.getpid(), "epoch": self.epoch, "seq": self.seq,
+            "ring": [ring.first, ring.last]}))
+        resumed = bool(msg.get("resume")) and since is not None
+        handed = resumed and lid in self._resuming
+        if handed:
+            self._resuming.discard(lid)
+            drop = self._handed_drops.pop(lid, None)
+            if drop:
+                self._note_drop(peer, drop[2], drop[0], drop[1], "backlog")
+            if not self._resuming and ring.grace_until:
+                ring.grace_until = time.monotonic()        # everyone is back
+                self._next_check = 0.0
+        if since is not None and epoch is not None and epoch != self.epoch:
+            self._queue_control(peer, _control_block({
+                "ctl": "gap", "reason": "crash", "epoch": epoch, "first": since + 1,
+                "last": None, "n": None}))
+            self._replay(peer, filters, 0, "crash", False)
+        elif since is not None:
+            self._replay(peer, filters, min(since, self.seq), "handoff" if resumed else "ring",
+                         handed)
+        elif last:
+            self._replay(peer, filters, self._since_last(filters, last), "ring", False)
+        peer.listener = True
+        peer.filters = filters
+        if filters is None:
+            self._plain[peer] = None
+        else:
+            self._index.add(peer, filters)
+        self._dirty.add(peer)
+        log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
+
+    def _since_last(self, filters: list | None, count: int) -> int:
+        """Return the number after which the last *count* events (that *filters* want) lie."""
+        if filters is None:
+            return max(0, self.seq - count)
+        found = 0
+        for blk in reversed(self._ring.blocks):
+            for seq, tag, _start, _end in reversed(_event_runs(blk.bufs[-1], blk.first)):
+                if _filters_match(filters, tag):
+                    found += 1
+                    if found == count:
+                        return seq - 1
+        return max(0, self._ring.first - 1)
+
+    def _replay(self, peer: _Peer, filters: list | None, since: int, reason: str,
+                trusted: bool) -> None:
+        """Queue for *peer* the ring's events after *since* (those its filters want), with
+        a ``gap`` notice for every stretch the ring does not have.
+
+        A stretch missing between blocks is reported with its exact size to a listener
+        that wants every event; to a filtered one with an unknown count, unless it is a
+        listener whose own queue the predecessor handed over (*trusted*): everything it
+        wanted is then in the ring.
+        """
+        cursor = since + 1
+        for blk in list(self._ring.blocks):
+            if blk.last < cursor:
+                continue
+            if blk.first > cursor:
+                self._gap_notice(peer, filters, cursor, blk.first - 1, reason, trusted)
+            if cursor <= blk.first and filters is None:
+                self._enqueue(peer, blk)
+            else:
+                items = [item for item in _event_runs(blk.bufs[-1], blk.first)
+                         if item[0] >= cursor and (filters is None
+                                                   or _filters_match(filters, item[1]))]
+                if items:
+                    self._enqueue(peer, _sub_block(blk.bufs[-1], items))
+            cursor = blk.last + 1
+            if not peer.alive:
+                return
+        if cursor <= self.seq:
+            self._gap_notice(peer, filters, cursor, self.seq, reason, trusted)
+
+    def _gap_notice(self, peer: _Peer, filters: list | None, first: int, last: int,
+                    reason: str, trusted: bool) -> None:
+        if filters is not None and trusted:
+            return
+        count = last - first + 1 if filters is None else None
+        self._queue_control(peer, _control_block({
+            "ctl": "gap", "reason": reason, "epoch": self.epoch, "first": first,
+            "last": last, "n": count}))
+
+    def _publish(self, peer: _Peer, data: Any, start: int, tags: list, ends: list) -> None:
+        """Number the event frames ``data[start:ends[-1]]`` and queue them for every
+        listener that wants them, and the ring.  Runs on the broker thread."""
+        end = ends[-1]
+        payload = data if start == 0 and end == len(data) else data[start:end]
+        count = len(tags)
+        first = self.seq + 1
+        self.seq += count
+        mark = _SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, first)
+        blk = _Block((mark, payload), len(payload) + len(mark), count, first, self.seq)
+        peer.events_in += count
+        peer.bytes_in += len(payload)
+        self.events_in += count
+        self.bytes_in += len(payload)
+        enqueue = self._enqueue
+        for listener in self._plain:
+            enqueue(listener, blk)
+        if self._index:
+            self._publish_filtered(blk, payload, start, tags, ends)
+        ring = self._ring
+        if ring.max_events and ring.max_bytes:
+            if not blk.refs:
+                self._ev_held += blk.size
+            ring.add(blk, self._release)
+        if self._ev_held > self._ev_cap:
+            self._shed()
+
+    def _publish_filtered(self, blk: _Block, payload: Any, start: int, tags: list,
+                          ends: list) -> None:
+        match = self._index.match
+        wanted: dict = {}
+        for index, tag in enumerate(tags):
+            for peer in match(tag):
+                wanted.setdefault(peer, []).append(index)
+        if not wanted:
+            return
+        starts = [start] + ends[:-1]
+        for peer, indexes in wanted.items():
+            if len(indexes) == len(tags):
+                self._enqueue(peer, blk)
+            else:
+                self._enqueue(peer, _sub_block(payload, [
+                    (blk.first + i, tags[i], starts[i] - start, ends[i] - start)
+                    for i in indexes]))
+
+
+class _Outbox:
+    """Part of Broker: each client's output queue, within its backlog and the broker's
+    bounds, and sending it without blocking.  Runs on the broker thread."""
+
+    def _enqueue(self, peer: _Peer, blk: _Block) -> None:
+        """Queue event block *blk* for *peer*, dropping its oldest past its backlog."""
+        peer.out.append(blk)
+        if not blk.refs:
+            self._ev_held += blk.size
+        blk.refs += 1
+        peer.out_bytes += blk.size
+        if peer.out_bytes > peer.backlog:
+            self._trim(peer, peer.backlog, "backlog")
+        if not peer.mask & selectors.EVENT_WRITE:   # else the selector says when
+            self._dirty.add(peer)
+
+    def _release(self, blk: _Block) -> None:
+        blk.refs -= 1
+        if not blk.refs:
+            self._ev_held -= blk.size
+
+    def _queue_control(self, peer: _Peer, blk: _Block) -> None:
+        peer.out.append(blk)
+        peer.ctl_bytes += blk.size
+        self._ctl_held += blk.size
+        self._dirty.add(peer)
+
+    def _trim(self, peer: _Peer, limit: int, reason: str) -> None:
+        """Drop *peer*'s oldest event blocks until it holds at most *limit* bytes, keeping
+        the one being sent and the newest; a ``drop`` notice takes their place."""
+        out = peer.out
+        index = 1 if peer.head_off else 0
+        lost = 0
+        first = last = 0
+        at = None
+        while peer.out_bytes > limit and index < len(out) - 1:
+            blk = out[index]
+            if not blk.count:
+                index += 1
+                continue
+            if at is None:
+                at = index
+                first = blk.first
+            del out[index]
+            peer.out_bytes -= blk.size
+            self._release(blk)
+            lost += blk.count
+            last = blk.last
+        if lost:
+            self._note_drop(peer, lost, first, last, reason, at)
+
+    def _note_drop(self, peer: _Peer, lost: int, first: int, last: int, reason: str,
+                   at: int | None = None) -> None:
+        """Put (or grow) the ``drop`` notice where *peer*'s lost events were."""
+        peer.dropped += lost
+        self._drops += lost
+        out = peer.out
+        at = len(out) if at is None else at
+        notice = peer.notice
+        if (notice is not None and at > 0 and out[at - 1] is notice
+                and not (at == 1 and peer.head_off)):
+            old = notice.msg
+            merged = {"ctl": "drop", "n": old["n"] + lost, "first": old["first"],
+                      "last": max(last, old["last"]), "reason": reason}
+            frame = _encode_control(merged)
+            self._ctl_held += len(frame) - notice.size
+            peer.ctl_bytes += len(frame) - notice.size
+            notice.bufs, notice.size, notice.msg = (frame,), len(frame), merged
+        else:
+            msg = {"ctl": "drop", "n": lost, "first": first, "last": last, "reason": reason}
+            notice = _control_block(msg)
+            notice.msg = msg
+            out.insert(at, notice)
+            peer.ctl_bytes += notice.size
+            self._ctl_held += notice.size
+            peer.notice = notice
+        now = time.monotonic()
+        if now >= peer.warn_after:         # at most one warning a second per listener
+            peer.warn_after = now + 1.0
+            log.warning("listener of %s (pid %d) is %d bytes behind: dropped its oldest "
+                        "events, %d so far", self.bus.path, peer.pid, peer.out_bytes,
+                        peer.dropped)
+
+    def _shed(self) -> None:
+        """All listeners together hold too much: trim the ones furthest behind."""
+        while self._ev_held > self._ev_cap:
+            victim = max(self._listeners(), key=lambda p: p.out_bytes, default=None)
+            if victim is None or not victim.out_bytes:
+                return
+            before = victim.out_bytes
+            self._trim(victim, before // 2, "memory")
+            if victim.out_bytes == before:
+                return
+
+    def _listeners(self) -> list:
+        return [peer for peer in self._peers if peer.listener]
+
+    def _flush(self, peer: _Peer) -> None:
+        """Send what *peer* has queued, without blocking.  Runs on the broker thread."""
+        out = peer.out
+        sock = peer.sock
+        while out:
+            if len(out) == 1 and not peer.head_off:
+                bufs = out[0].bufs
+            else:
+                bufs = []
+                count = 0
+                for blk in out:
+                    bufs.extend(blk.bufs)
+                    count += len(blk.bufs)
+                    if count >= _IOV_MAX:
+                        break
+                skip = peer.head_off
+                while skip:
+                    if skip >= len(bufs[0]):
+                        skip -= len(bufs.pop(0))
+                    else:
+                        bufs[0] = memoryview(bufs[0])[skip:]
+                        skip = 0
+            try:
+                sent = sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                self._drop(peer, "")       # the client closed first: nothing to report
+                return
+            except OSError as exc:
+                self._drop(peer, f"write failed: {exc}")
+                return
+            peer.bytes_out += sent
+            self.bytes_out += sent
+            sent += peer.head_off
+            peer.head_off = 0
+            while sent:
+                blk = out[0]
+                if sent < blk.size:
+                    peer.head_off = sent
+                    break
+                sent -= blk.size
+                out.popleft()
+                if blk.count:
+                    peer.out_bytes -= blk.size
+                    peer.events_out += blk.count
+                    self.events_out += blk.count
+                    self._release(blk)
+                else:
+                    peer.ctl_bytes -= blk.size
+                    self._ctl_held -= blk.size
+                    if blk is peer.notice:
+                        peer.notice = None
+                    elif blk is peer.stats_pending:
+                        peer.stats_pending = None
+        self._watch(peer)
+
+    def _watch(self, peer: _Peer) -> None:
+        """Select *peer* for reading unless paused, and for writing while it has output."""
+        mask = (0 if peer.paused else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if peer.out else 0)
+        if mask == peer.mask:
+            return
+        if not peer.mask:
+            self._selector.register(peer.sock, mask, peer)
+        elif not mask:
+            self._selector.unregister(peer.sock)
+        else:
+            self._selector.modify(peer.sock, mask, peer)
+        peer.mask = mask
+
+
+class _Succession:
+    """Part of Broker: keeping its paths, and handing the bus over without losing an
+    event.  Runs on the broker thread."""
+
+    def _check_paths(self) -> None:
+        """Recover when the lock or socket file was removed or replaced (tmp cleaners):
+        take the lock again and rebind, or hand off to the broker that took over."""
+        if self._listen_sock is None or self._ousted:
+            return
+        try:
+            lock_info = os.fstat(self._lock_fd)
+        except OSError:
+            return
+        if _ident(self.bus.lock_path) != (lock_info.st_dev, lock_info.st_ino):
+            if not self._retake_lock():
+                return
+        if _ident(self.bus.path) != self._ident:
+            self._rebind()
+
+    def _retake_lock(self) -> bool:
+        try:
+            fd = _open_private(self.bus.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
+        except (OSError, BusClosedError) as exc:
+            self._warn("lock", "broker of %s lost its lock file and cannot make a new one: "
+                       "%s", self.bus.path, exc)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.warning("another broker took over %s (its lock file was replaced); handing "
+                        "off to it", self.bus.path)
+            self._ousted = True
+            self._stopping.set()
+            return False
+        os.write(fd, f"{os.getpid()}\n".encode())
+        old, self._lock_fd = self._lock_fd, fd
+        os.close(old)
+        log.warning("broker of %s took its lock file again (it was removed)", self.bus.path)
+        return True
+
+    def _rebind(self) -> None:
+        """Bind the bus path again (we hold the lock, so the path is ours)."""
+        try:
+            _remove_stale_socket(self.bus.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.bus.path)
+                os.chmod(self.bus.path, 0o600)
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+        except (OSError, BusClosedError) as exc:
+            self._warn("rebind", "broker of %s cannot bind its socket path again: %s",
+                       self.bus.path, exc)
+            return
+        self._accept()                     # clients that reached the old socket
+        old, self._listen_sock = self._listen_sock, sock
+        if not self._accept_paused_until:
+            self._selector.unregister(old)
+            self._selector.register(sock, selectors.EVENT_READ, None)
+        old.close()
+        self._ident = _ident(self.bus.path)
+        log.warning("broker of %s bound its socket path again (it was removed or replaced)",
+                    self.bus.path)
+
+    def _handoff(self) -> None:
+        """Give up the bus without losing an event.  Runs on the broker thread.
+
+        The path goes first (we still hold the lock, so newcomers wait for the next
+        broker); connections already queued are accepted like the others.  Every client
+        is told ``bye`` and, where the platform allows, shut for reading: a firer's
+        later send fails at once and it moves to the next broker, while what it sent
+        before is still read here.  Elsewhere reading goes on until every client is
+        quiet.  Then the numbering, the ring and every listener's unsent events go to
+        the state file, the lock is released, and every connection closed: listeners
+        resume on the next broker after the last event they got.
+        """
+        if not self._ousted and _ident(self.bus.path) == self._ident:
+            try:
+                os.unlink(self.bus.path)
+            except OSError:
+                pass
+        self._accept()
+        sock, self._listen_sock = self._listen_sock, None
+        if sock is not None:
+            if not self._accept_paused_until:
+                self._selector.unregister(sock)
+            sock.close()
+        for peer in list(self._peers):
+            self._queue_control(peer, _Block((_BYE_FRAME,), len(_BYE_FRAME)))
+            if _SHUT_RD_REFUSES:
+                try:
+                    peer.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        self._drain_input()
+        if not self._ousted:
+            try:
+                self._save_state()
+            except (OSError, BusClosedError) as exc:
+                log.warning("broker of %s could not hand its events over: %s", self.bus.path,
+                            exc)
+        lock_fd, self._lock_fd = self._lock_fd, None
+        os.close(lock_fd)                  # releases the flock: the next broker may start
+        for peer in list(self._peers):
+            if peer.alive:
+                self._flush(peer)
+        log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
+        for peer in list(self._peers):
+            self._drop(peer, "")
+
+    def _drain_input(self) -> None:
+        """Take in what clients sent before the ``bye``.  Runs on the broker thread."""
+        deadline = time.monotonic() + _HANDOFF_TIMEOUT
+        pending = {peer: time.monotonic() for peer in self._peers}
+        while pending and time.monotonic() < deadline:
+            for peer in list(pending):
+                while peer.alive:
+                    reader = peer.reader
+                    if reader.need:
+                        extra = reader.need - reader.held
+                        reader.alloc()
+                        self._in_held += extra
+                    held = reader.held
+                    try:
+                        frames = reader.read(peer.sock)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        reader.eof = True
+                        frames = []
+                    except FrameError as exc:
+                        self._drop(peer, str(exc))
+                        break
+                    self._in_held += reader.held - held
+                    pending[peer] = time.monotonic()
+                    if frames:
+                        self._on_frames(peer, frames)
+                    if reader.eof:
+                        pending.pop(peer, None)
+                        if peer.alive and not peer.listener:
+                            self._drop(peer, "")
+                        break
+                if not peer.alive:
+                    pending.pop(peer, None)
+            now = time.monotonic()
+            for peer, seen in list(pending.items()):
+                if peer.listener or now - seen >= _HANDOFF_QUIET:
+                    del pending[peer]
+            if pending:
+                self._selector.select(max(0.0, min(deadline - now, _HANDOFF_QUIET)))
+
+    def _save_state(self) -> None:
+        """Write the numbering, the ring and listeners' unsent events for the successor."""
+        shared = {id(blk): blk for blk in self._ring.blocks}
+        singles = {}                   # seq -> frame, from filtered listeners' queues
+        lids = []
+        drops = {}
+        for peer in self._listeners():
+            if peer.lid:
+                lids.append(peer.lid)
+            for blk in peer.out:
+                if not blk.count:
+                    if blk is peer.notice and peer.lid:
+                        drops[peer.lid] = [blk.msg["first"], blk.msg["last"], blk.msg["n"]]
+                elif len(blk.bufs) == 2:
+                    shared[id(blk)] = blk
+                else:
+                    for seq, _tag, start, end in _event_runs(blk.bufs[0], blk.first):
+                        singles[seq] = blk.bufs[0][start:end]
+        runs = [(blk.first, blk.last, blk.bufs[1])
+                for blk in sorted(shared.values(), key=lambda b: b.first)]
+        if singles:
+            import bisect
+            firsts = [run[0] for run in runs]
+            for seq in sorted(singles):
+                at = bisect.bisect_right(firsts, seq) - 1
+                if at < 0 or runs[at][1] < seq:
+                    runs.append((seq, seq, singles[seq]))
+            runs.sort(key=lambda run: run[0])
+        merged = []                    # [first, last, [payloads]]: consecutive numbers
+        for first, last, payload in runs:
+            if merged and merged[-1][1] + 1 == first:
+                merged[-1][1] = last
+                merged[-1][2].append(payload)
+            elif not merged or first > merged[-1][1]:
+                merged.append([first, last, [payload]])
+        head = {"ctl": "state", "epoch": self.epoch, "seq": self.seq, "lids": lids,
+                "drops": drops}
+        _write_state(self.bus, head, [(first, b"".join(parts)) for first, _l, parts in merged])
+
+
+class Broker(_Intake, _Listeners, _Outbox, _Succession):
     """Relay every event from any client to every listener that wants it, on one bus.
 
     The broker owns the listening socket and the election lock.  ``start()`` runs
@@ -1453,13 +2138,11 @@ class Broker:
         peer = _Peer(sock, pid)
         self._peers[peer] = None
         leaving = self._stopping.is_set()
-        frame = self._bye if leaving else self._hello
+        frame = _BYE_FRAME if leaving else self._hello
         self._queue_control(peer, _Block((frame,), len(frame)))
         self._watch(peer)
         self._flush(peer)
         log.debug("client connected to %s (pid %d)", self.bus.path, pid)
-
-    _bye = _encode_control({"ctl": "bye"})
 
     def _pause_accept(self, exc: OSError) -> None:
         """Out of fds: stop watching the listening socket for a while (it would stay
@@ -1475,20 +2158,6 @@ class Broker:
         if self._accept_paused_until and self._listen_sock is not None:
             self._accept_paused_until = 0.0
             self._selector.register(self._listen_sock, selectors.EVENT_READ, None)
-
-    def _watch(self, peer: _Peer) -> None:
-        """Select *peer* for reading unless paused, and for writing while it has output."""
-        mask = (0 if peer.paused else selectors.EVENT_READ) | (
-            selectors.EVENT_WRITE if peer.out else 0)
-        if mask == peer.mask:
-            return
-        if not peer.mask:
-            self._selector.register(peer.sock, mask, peer)
-        elif not mask:
-            self._selector.unregister(peer.sock)
-        else:
-            self._selector.modify(peer.sock, mask, peer)
-        peer.mask = mask
 
     def _drop(self, peer: _Peer, reason: str) -> None:
         """Close *peer* and let go of all it held; log *reason* when it is an error.
@@ -1523,658 +2192,6 @@ class Broker:
             self._resume_accept()
         self._resume_paused()
 
-    # -- input: the one door (broker thread)
-
-    def _on_readable(self, peer: _Peer) -> None:
-        """Read what *peer* sent, within the input budget, and act on its frames.
-        Runs on the broker thread."""
-        reader = peer.reader
-        if reader.need and not self._allot(peer):
-            return
-        if reader.buf is not None:
-            limit = _RECV_BYTES
-        else:
-            limit = min(_RECV_BYTES, _INPUT_BUDGET - self._in_held)
-            if limit < _BIG_FRAME and self._make_room(peer, _BIG_FRAME):
-                limit = min(_RECV_BYTES, _INPUT_BUDGET - self._in_held)
-            if limit < _HDR_SIZE:
-                self._pause(peer)
-                return
-        held = reader.held
-        try:
-            frames = reader.read(peer.sock, limit)
-        except (BlockingIOError, InterruptedError):
-            return
-        except ConnectionResetError:
-            reader.eof = True
-            frames = []
-        except FrameError as exc:
-            self._drop(peer, str(exc))
-            return
-        except OSError as exc:
-            self._drop(peer, f"read failed: {exc}")
-            return
-        self._in_held += reader.held - held
-        if frames:
-            self._on_frames(peer, frames)
-            if not peer.alive:
-                return
-        if reader.eof:
-            if reader.held:
-                log.warning("client of %s (pid %d) closed mid-frame; dropped %d bytes",
-                            self.bus.path, peer.pid, reader.held)
-            self._drop(peer, "")
-            return
-        if reader.need:
-            self._allot(peer)
-        if reader.held:
-            self._partial.add(peer)
-        else:
-            self._partial.discard(peer)
-            if held:
-                self._resume_paused()
-
-    def _allot(self, peer: _Peer) -> bool:
-        """Give *peer*'s unfinished big frame a buffer of its own if the input budget
-        allows, evicting clients that sit on old unfinished frames; else pause it."""
-        reader = peer.reader
-        extra = reader.need - reader.held
-        if not self._make_room(peer, extra):
-            self._pause(peer)
-            return False
-        reader.alloc()
-        self._in_held += extra
-        self._partial.add(peer)
-        if peer.paused:
-            peer.paused = False
-            self._watch(peer)
-        return True
-
-    def _make_room(self, peer: _Peer, size: int) -> bool:
-        """Return True if *size* more bytes fit the input budget, evicting clients that
-        have sat on an unfinished frame for ``_EVICT_AGE`` or more to make room."""
-        if self._in_held + size <= _INPUT_BUDGET:
-            return True
-        now = time.monotonic()
-        for other in sorted(self._partial, key=lambda p: p.reader.since):
-            if self._in_held + size <= _INPUT_BUDGET:
-                break
-            if other is not peer and now - other.reader.since >= _EVICT_AGE:
-                self._drop(other, f"evicted: held an unfinished frame of {other.reader.held} "
-                                  f"bytes for {now - other.reader.since:.1f} s while the "
-                                  "broker's input budget was spent")
-        return self._in_held + size <= _INPUT_BUDGET
-
-    def _pause(self, peer: _Peer) -> None:
-        if not peer.paused:
-            peer.paused = True
-            self._paused.append(peer)
-            self._watch(peer)
-            self._warn("budget", "broker of %s is holding %d bytes of unfinished frames; "
-                       "pausing clients until some finish", self.bus.path, self._in_held)
-
-    def _resume_paused(self) -> None:
-        paused = self._paused
-        while paused and _INPUT_BUDGET - self._in_held >= _BIG_FRAME:
-            peer = paused.popleft()
-            if peer.alive and peer.paused:
-                peer.paused = False
-                self._watch(peer)
-
-    def _on_frames(self, peer: _Peer, frames: list) -> None:
-        """Decide what each frame of *peer* may do: events are relayed, a client's controls
-        answered, anything else drops the client.  Runs on the broker thread."""
-        tags = []
-        ends = []
-        run = None
-        for kind, tag, data, start, _body, end in frames:
-            if kind == _EVENT:
-                if run is None:
-                    run = start
-                tags.append(tag)
-                ends.append(end)
-                continue
-            if run is not None:
-                self._publish(peer, data, run, tags, ends)
-                run = None
-                tags = []
-                ends = []
-            if kind == _MARK:
-                self._drop(peer, "sent a sequence mark (only the broker numbers events)")
-                return
-            try:
-                self._control(peer, _decode_control(data[_body:end]))
-            except FrameError as exc:
-                self._drop(peer, str(exc))
-                return
-            if not peer.alive:
-                return
-        if run is not None:
-            self._publish(peer, frames[-1][2], run, tags, ends)
-
-    def _control(self, peer: _Peer, msg: dict) -> None:
-        """Answer one control frame a client may send.  Runs on the broker thread."""
-        ctl = msg["ctl"]
-        if ctl == "sub":
-            self._subscribe(peer, msg)
-        elif ctl == "stats":
-            if peer.stats_pending is not None:
-                self._drop(peer, "asked for stats again before reading the answer")
-                return
-            block = _control_block({"ctl": "stats", "stats": self.stats()})
-            if self._ctl_held + block.size > _CONTROL_BUDGET:
-                self._drop(peer, "control replies for clients that do not read them are "
-                                 f"over {_CONTROL_BUDGET} bytes")
-                return
-            peer.stats_pending = block
-            self._queue_control(peer, block)
-        else:
-            self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
-
-    # -- listeners (broker thread)
-
-    def _subscribe(self, peer: _Peer, msg: dict) -> None:
-        """Register *peer* as a listener: reply ``ok``, replay what it asked for, then
-        relay live events, atomically.  Runs on the broker thread."""
-        if peer.listener:
-            self._drop(peer, "subscribed twice")
-            return
-        try:
-            backlog = _opt_int(msg, "backlog")
-            since = _opt_int(msg, "since", minimum=0)
-            last = _opt_int(msg, "last", minimum=0)
-            epoch = _opt_str(msg, "epoch")
-            lid = _opt_str(msg, "lid")
-            tags = msg.get("tags")
-            if tags is not None:
-                if (not isinstance(tags, list) or len(tags) > _MAX_TAG_FILTERS
-                        or not all(isinstance(t, str) and len(t) <= 1024 for t in tags)):
-                    raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
-                                     "strings")
-                filters = [_tag_filter(t) for t in tags]
-            else:
-                filters = None
-        except ValueError as exc:
-            self._drop(peer, f"bad subscription: {exc}")
-            return
-        peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
-        peer.lid = lid
-        ring = self._ring
-        self._queue_control(peer, _control_block({
-            "ctl": "ok", "pid": os.getpid(), "epoch": self.epoch, "seq": self.seq,
-            "ring": [ring.first, ring.last]}))
-        resumed = bool(msg.get("resume")) and since is not None
-        handed = resumed and lid in self._resuming
-        if handed:
-            self._resuming.discard(lid)
-            drop = self._handed_drops.pop(lid, None)
-            if drop:
-                self._note_drop(peer, drop[2], drop[0], drop[1], "backlog")
-            if not self._resuming and ring.grace_until:
-                ring.grace_until = time.monotonic()        # everyone is back
-                self._next_check = 0.0
-        if since is not None and epoch is not None and epoch != self.epoch:
-            self._queue_control(peer, _control_block({
-                "ctl": "gap", "reason": "crash", "epoch": epoch, "first": since + 1,
-                "last": None, "n": None}))
-            self._replay(peer, filters, 0, "crash", False)
-        elif since is not None:
-            self._replay(peer, filters, min(since, self.seq), "handoff" if resumed else "ring",
-                         handed)
-        elif last:
-            self._replay(peer, filters, self._since_last(filters, last), "ring", False)
-        peer.listener = True
-        peer.filters = filters
-        if filters is None:
-            self._plain[peer] = None
-        else:
-            self._index.add(peer, filters)
-        self._dirty.add(peer)
-        log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
-
-    def _since_last(self, filters: list | None, count: int) -> int:
-        """Return the number after which the last *count* events (that *filters* want) lie."""
-        if filters is None:
-            return max(0, self.seq - count)
-        found = 0
-        for blk in reversed(self._ring.blocks):
-            for seq, tag, _start, _end in reversed(_event_runs(blk.bufs[-1], blk.first)):
-                if _filters_match(filters, tag):
-                    found += 1
-                    if found == count:
-                        return seq - 1
-        return max(0, self._ring.first - 1)
-
-    def _replay(self, peer: _Peer, filters: list | None, since: int, reason: str,
-                trusted: bool) -> None:
-        """Queue for *peer* the ring's events after *since* (those its filters want), with
-        a ``gap`` notice for every stretch the ring does not have.
-
-        A stretch missing between blocks is reported with its exact size to a listener
-        that wants every event; to a filtered one with an unknown count, unless it is a
-        listener whose own queue the predecessor handed over (*trusted*): everything it
-        wanted is then in the ring.
-        """
-        cursor = since + 1
-        for blk in list(self._ring.blocks):
-            if blk.last < cursor:
-                continue
-            if blk.first > cursor:
-                self._gap_notice(peer, filters, cursor, blk.first - 1, reason, trusted)
-            if cursor <= blk.first and filters is None:
-                self._enqueue(peer, blk)
-            else:
-                items = [item for item in _event_runs(blk.bufs[-1], blk.first)
-                         if item[0] >= cursor and (filters is None
-                                                   or _filters_match(filters, item[1]))]
-                if items:
-                    self._enqueue(peer, _sub_block(blk.bufs[-1], items))
-            cursor = blk.last + 1
-            if not peer.alive:
-                return
-        if cursor <= self.seq:
-            self._gap_notice(peer, filters, cursor, self.seq, reason, trusted)
-
-    def _gap_notice(self, peer: _Peer, filters: list | None, first: int, last: int,
-                    reason: str, trusted: bool) -> None:
-        if filters is not None and trusted:
-            return
-        count = last - first + 1 if filters is None else None
-        self._queue_control(peer, _control_block({
-            "ctl": "gap", "reason": reason, "epoch": self.epoch, "first": first,
-            "last": last, "n": count}))
-
-    # -- output (broker thread)
-
-    def _publish(self, peer: _Peer, data: Any, start: int, tags: list, ends: list) -> None:
-        """Number the event frames ``data[start:ends[-1]]`` and queue them for every
-        listener that wants them, and the ring.  Runs on the broker thread."""
-        end = ends[-1]
-        payload = data if start == 0 and end == len(data) else data[start:end]
-        count = len(tags)
-        first = self.seq + 1
-        self.seq += count
-        mark = _SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, first)
-        blk = _Block((mark, payload), len(payload) + len(mark), count, first, self.seq)
-        peer.events_in += count
-        peer.bytes_in += len(payload)
-        self.events_in += count
-        self.bytes_in += len(payload)
-        enqueue = self._enqueue
-        for listener in self._plain:
-            enqueue(listener, blk)
-        if self._index:
-            self._publish_filtered(blk, payload, start, tags, ends)
-        ring = self._ring
-        if ring.max_events and ring.max_bytes:
-            if not blk.refs:
-                self._ev_held += blk.size
-            ring.add(blk, self._release)
-        if self._ev_held > self._ev_cap:
-            self._shed()
-
-    def _publish_filtered(self, blk: _Block, payload: Any, start: int, tags: list,
-                          ends: list) -> None:
-        match = self._index.match
-        wanted: dict = {}
-        for index, tag in enumerate(tags):
-            for peer in match(tag):
-                wanted.setdefault(peer, []).append(index)
-        if not wanted:
-            return
-        starts = [start] + ends[:-1]
-        for peer, indexes in wanted.items():
-            if len(indexes) == len(tags):
-                self._enqueue(peer, blk)
-            else:
-                self._enqueue(peer, _sub_block(payload, [
-                    (blk.first + i, tags[i], starts[i] - start, ends[i] - start)
-                    for i in indexes]))
-
-    def _enqueue(self, peer: _Peer, blk: _Block) -> None:
-        """Queue event block *blk* for *peer*, dropping its oldest past its backlog."""
-        peer.out.append(blk)
-        if not blk.refs:
-            self._ev_held += blk.size
-        blk.refs += 1
-        peer.out_bytes += blk.size
-        if peer.out_bytes > peer.backlog:
-            self._trim(peer, peer.backlog, "backlog")
-        if not peer.mask & selectors.EVENT_WRITE:   # else the selector says when
-            self._dirty.add(peer)
-
-    def _release(self, blk: _Block) -> None:
-        blk.refs -= 1
-        if not blk.refs:
-            self._ev_held -= blk.size
-
-    def _queue_control(self, peer: _Peer, blk: _Block) -> None:
-        peer.out.append(blk)
-        peer.ctl_bytes += blk.size
-        self._ctl_held += blk.size
-        self._dirty.add(peer)
-
-    def _trim(self, peer: _Peer, limit: int, reason: str) -> None:
-        """Drop *peer*'s oldest event blocks until it holds at most *limit* bytes, keeping
-        the one being sent and the newest; a ``drop`` notice takes their place."""
-        out = peer.out
-        index = 1 if peer.head_off else 0
-        lost = 0
-        first = last = 0
-        at = None
-        while peer.out_bytes > limit and index < len(out) - 1:
-            blk = out[index]
-            if not blk.count:
-                index += 1
-                continue
-            if at is None:
-                at = index
-                first = blk.first
-            del out[index]
-            peer.out_bytes -= blk.size
-            self._release(blk)
-            lost += blk.count
-            last = blk.last
-        if lost:
-            self._note_drop(peer, lost, first, last, reason, at)
-
-    def _note_drop(self, peer: _Peer, lost: int, first: int, last: int, reason: str,
-                   at: int | None = None) -> None:
-        """Put (or grow) the ``drop`` notice where *peer*'s lost events were."""
-        peer.dropped += lost
-        self._drops += lost
-        out = peer.out
-        at = len(out) if at is None else at
-        notice = peer.notice
-        if (notice is not None and at > 0 and out[at - 1] is notice
-                and not (at == 1 and peer.head_off)):
-            old = notice.msg
-            merged = {"ctl": "drop", "n": old["n"] + lost, "first": old["first"],
-                      "last": max(last, old["last"]), "reason": reason}
-            frame = _encode_control(merged)
-            self._ctl_held += len(frame) - notice.size
-            peer.ctl_bytes += len(frame) - notice.size
-            notice.bufs, notice.size, notice.msg = (frame,), len(frame), merged
-        else:
-            msg = {"ctl": "drop", "n": lost, "first": first, "last": last, "reason": reason}
-            notice = _control_block(msg)
-            notice.msg = msg
-            out.insert(at, notice)
-            peer.ctl_bytes += notice.size
-            self._ctl_held += notice.size
-            peer.notice = notice
-        now = time.monotonic()
-        if now >= peer.warn_after:         # at most one warning a second per listener
-            peer.warn_after = now + 1.0
-            log.warning("listener of %s (pid %d) is %d bytes behind: dropped its oldest "
-                        "events, %d so far", self.bus.path, peer.pid, peer.out_bytes,
-                        peer.dropped)
-
-    def _shed(self) -> None:
-        """All listeners together hold too much: trim the ones furthest behind."""
-        while self._ev_held > self._ev_cap:
-            victim = max(self._listeners(), key=lambda p: p.out_bytes, default=None)
-            if victim is None or not victim.out_bytes:
-                return
-            before = victim.out_bytes
-            self._trim(victim, before // 2, "memory")
-            if victim.out_bytes == before:
-                return
-
-    def _listeners(self) -> list:
-        return [peer for peer in self._peers if peer.listener]
-
-    def _flush(self, peer: _Peer) -> None:
-        """Send what *peer* has queued, without blocking.  Runs on the broker thread."""
-        out = peer.out
-        sock = peer.sock
-        while out:
-            if len(out) == 1 and not peer.head_off:
-                bufs = out[0].bufs
-            else:
-                bufs = []
-                count = 0
-                for blk in out:
-                    bufs.extend(blk.bufs)
-                    count += len(blk.bufs)
-                    if count >= _IOV_MAX:
-                        break
-                skip = peer.head_off
-                while skip:
-                    if skip >= len(bufs[0]):
-                        skip -= len(bufs.pop(0))
-                    else:
-                        bufs[0] = memoryview(bufs[0])[skip:]
-                        skip = 0
-            try:
-                sent = sock.sendmsg(bufs)
-            except (BlockingIOError, InterruptedError):
-                break
-            except (BrokenPipeError, ConnectionResetError):
-                self._drop(peer, "")       # the client closed first: nothing to report
-                return
-            except OSError as exc:
-                self._drop(peer, f"write failed: {exc}")
-                return
-            peer.bytes_out += sent
-            self.bytes_out += sent
-            sent += peer.head_off
-            peer.head_off = 0
-            while sent:
-                blk = out[0]
-                if sent < blk.size:
-                    peer.head_off = sent
-                    break
-                sent -= blk.size
-                out.popleft()
-                if blk.count:
-                    peer.out_bytes -= blk.size
-                    peer.events_out += blk.count
-                    self.events_out += blk.count
-                    self._release(blk)
-                else:
-                    peer.ctl_bytes -= blk.size
-                    self._ctl_held -= blk.size
-                    if blk is peer.notice:
-                        peer.notice = None
-                    elif blk is peer.stats_pending:
-                        peer.stats_pending = None
-        self._watch(peer)
-
-    # -- paths (broker thread)
-
-    def _check_paths(self) -> None:
-        """Recover when the lock or socket file was removed or replaced (tmp cleaners):
-        take the lock again and rebind, or hand off to the broker that took over."""
-        if self._listen_sock is None or self._ousted:
-            return
-        try:
-            lock_info = os.fstat(self._lock_fd)
-        except OSError:
-            return
-        if _ident(self.bus.lock_path) != (lock_info.st_dev, lock_info.st_ino):
-            if not self._retake_lock():
-                return
-        if _ident(self.bus.path) != self._ident:
-            self._rebind()
-
-    def _retake_lock(self) -> bool:
-        try:
-            fd = _open_private(self.bus.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
-        except (OSError, BusClosedError) as exc:
-            self._warn("lock", "broker of %s lost its lock file and cannot make a new one: "
-                       "%s", self.bus.path, exc)
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            log.warning("another broker took over %s (its lock file was replaced); handing "
-                        "off to it", self.bus.path)
-            self._ousted = True
-            self._stopping.set()
-            return False
-        os.write(fd, f"{os.getpid()}\n".encode())
-        old, self._lock_fd = self._lock_fd, fd
-        os.close(old)
-        log.warning("broker of %s took its lock file again (it was removed)", self.bus.path)
-        return True
-
-    def _rebind(self) -> None:
-        """Bind the bus path again (we hold the lock, so the path is ours)."""
-        try:
-            _remove_stale_socket(self.bus.path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(self.bus.path)
-                os.chmod(self.bus.path, 0o600)
-                sock.listen(socket.SOMAXCONN)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-        except (OSError, BusClosedError) as exc:
-            self._warn("rebind", "broker of %s cannot bind its socket path again: %s",
-                       self.bus.path, exc)
-            return
-        self._accept()                     # clients that reached the old socket
-        old, self._listen_sock = self._listen_sock, sock
-        if not self._accept_paused_until:
-            self._selector.unregister(old)
-            self._selector.register(sock, selectors.EVENT_READ, None)
-        old.close()
-        self._ident = _ident(self.bus.path)
-        log.warning("broker of %s bound its socket path again (it was removed or replaced)",
-                    self.bus.path)
-
-    # -- hand-off (broker thread)
-
-    def _handoff(self) -> None:
-        """Give up the bus without losing an event.  Runs on the broker thread.
-
-        The path goes first (we still hold the lock, so newcomers wait for the next
-        broker); connections already queued are accepted like the others.  Every client
-        is told ``bye`` and, where the platform allows, shut for reading: a firer's
-        later send fails at once and it moves to the next broker, while what it sent
-        before is still read here.  Elsewhere reading goes on until every client is
-        quiet.  Then the numbering, the ring and every listener's unsent events go to
-        the state file, the lock is released, and every connection closed: listeners
-        resume on the next broker after the last event they got.
-        """
-        if not self._ousted and _ident(self.bus.path) == self._ident:
-            try:
-                os.unlink(self.bus.path)
-            except OSError:
-                pass
-        self._accept()
-        sock, self._listen_sock = self._listen_sock, None
-        if sock is not None:
-            if not self._accept_paused_until:
-                self._selector.unregister(sock)
-            sock.close()
-        for peer in list(self._peers):
-            self._queue_control(peer, _Block((self._bye,), len(self._bye)))
-            if _SHUT_RD_REFUSES:
-                try:
-                    peer.sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-        self._drain_input()
-        if not self._ousted:
-            try:
-                self._save_state()
-            except (OSError, BusClosedError) as exc:
-                log.warning("broker of %s could not hand its events over: %s", self.bus.path,
-                            exc)
-        lock_fd, self._lock_fd = self._lock_fd, None
-        os.close(lock_fd)                  # releases the flock: the next broker may start
-        for peer in list(self._peers):
-            if peer.alive:
-                self._flush(peer)
-        log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
-        for peer in list(self._peers):
-            self._drop(peer, "")
-
-    def _drain_input(self) -> None:
-        """Take in what clients sent before the ``bye``.  Runs on the broker thread."""
-        deadline = time.monotonic() + _HANDOFF_TIMEOUT
-        pending = {peer: time.monotonic() for peer in self._peers}
-        while pending and time.monotonic() < deadline:
-            for peer in list(pending):
-                while peer.alive:
-                    reader = peer.reader
-                    if reader.need:
-                        extra = reader.need - reader.held
-                        reader.alloc()
-                        self._in_held += extra
-                    held = reader.held
-                    try:
-                        frames = reader.read(peer.sock)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        reader.eof = True
-                        frames = []
-                    except FrameError as exc:
-                        self._drop(peer, str(exc))
-                        break
-                    self._in_held += reader.held - held
-                    pending[peer] = time.monotonic()
-                    if frames:
-                        self._on_frames(peer, frames)
-                    if reader.eof:
-                        pending.pop(peer, None)
-                        if peer.alive and not peer.listener:
-                            self._drop(peer, "")
-                        break
-                if not peer.alive:
-                    pending.pop(peer, None)
-            now = time.monotonic()
-            for peer, seen in list(pending.items()):
-                if peer.listener or now - seen >= _HANDOFF_QUIET:
-                    del pending[peer]
-            if pending:
-                self._selector.select(max(0.0, min(deadline - now, _HANDOFF_QUIET)))
-
-    def _save_state(self) -> None:
-        """Write the numbering, the ring and listeners' unsent events for the successor."""
-        shared = {id(blk): blk for blk in self._ring.blocks}
-        singles = {}                   # seq -> frame, from filtered listeners' queues
-        lids = []
-        drops = {}
-        for peer in self._listeners():
-            if peer.lid:
-                lids.append(peer.lid)
-            for blk in peer.out:
-                if not blk.count:
-                    if blk is peer.notice and peer.lid:
-                        drops[peer.lid] = [blk.msg["first"], blk.msg["last"], blk.msg["n"]]
-                elif len(blk.bufs) == 2:
-                    shared[id(blk)] = blk
-                else:
-                    for seq, _tag, start, end in _event_runs(blk.bufs[0], blk.first):
-                        singles[seq] = blk.bufs[0][start:end]
-        runs = [(blk.first, blk.last, blk.bufs[1])
-                for blk in sorted(shared.values(), key=lambda b: b.first)]
-        if singles:
-            import bisect
-            firsts = [run[0] for run in runs]
-            for seq in sorted(singles):
-                at = bisect.bisect_right(firsts, seq) - 1
-                if at < 0 or runs[at][1] < seq:
-                    runs.append((seq, seq, singles[seq]))
-            runs.sort(key=lambda run: run[0])
-        merged = []                    # [first, last, [payloads]]: consecutive numbers
-        for first, last, payload in runs:
-            if merged and merged[-1][1] + 1 == first:
-                merged[-1][1] = last
-                merged[-1][2].append(payload)
-            elif not merged or first > merged[-1][1]:
-                merged.append([first, last, [payload]])
-        head = {"ctl": "state", "epoch": self.epoch, "seq": self.seq, "lids": lids,
-                "drops": drops}
-        _write_state(self.bus, head, [(first, b"".join(parts)) for first, _l, parts in merged])
-
     def stats(self) -> dict:
         """Return the broker's figures (a snapshot; read on the broker thread)."""
         listeners = sorted(self._listeners(), key=lambda p: p.out_bytes, reverse=True)
@@ -2200,7 +2217,6 @@ class Broker:
                 "backlog": peer.backlog, "tags": None if peer.filters is None else len(
                     peer.filters)} for peer in listeners[:_STATS_LISTENERS]],
         }
-
 
 def _filters_match(filters: list, tag: str) -> bool:
     for prefix, glob in filters:
