@@ -2384,7 +2384,8 @@ if hasattr(os, "register_at_fork"):
 def _drive(steps: Iterator, wake: threading.Event | None = None) -> Any:
     """Run a steps generator, blocking the calling thread; return its value.
 
-    Sleeps wait on *wake*, so that destroy() from another thread ends them at once.
+    Sleeps wait on *wake*: once destroy() sets it (from any thread), the steps get
+    BusClosedError instead of another sleep.
     """
     try:
         step = next(steps)
@@ -2392,8 +2393,9 @@ def _drive(steps: Iterator, wake: threading.Event | None = None) -> Any:
             if step.__class__ is float:
                 if wake is None:
                     time.sleep(step)
-                else:
-                    wake.wait(step)
+                elif wake.wait(step):
+                    step = steps.throw(BusClosedError("-", "the event object was destroyed"))
+                    continue
                 step = steps.send(None)
             else:
                 step = steps.send(_wait_fd(*step))
@@ -3331,11 +3333,16 @@ class _AsyncFace(_EventBase):
     async def _drive_async(self, steps: Iterator) -> Any:
         """Run a steps generator on the event loop; return its value."""
         import asyncio
+        gen = self._gen
         try:
             step = next(steps)
             while True:
                 if step.__class__ is float:
                     await asyncio.sleep(step)
+                    if self._gen != gen:
+                        step = steps.throw(BusClosedError(self._bus.path,
+                                                          "the event object was destroyed"))
+                        continue
                     step = steps.send(None)
                 else:
                     step = steps.send(await self._wait_fd_async(*step))
@@ -4233,8 +4240,8 @@ def main(argv: list | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     node = args.node or ("minion" if args.command == "fire-master" else "master")
 
-    def terminate(*_: Any) -> None:
-        raise _Terminated()
+    def terminate(signum: int, _frame: Any) -> None:
+        raise _Terminated(signum)
 
     in_main = threading.current_thread() is threading.main_thread()
     signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
@@ -4256,8 +4263,8 @@ def main(argv: list | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except _Terminated:
-        return 143
+    except _Terminated as exc:
+        return 128 + exc.args[0]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -224,6 +224,7 @@ def say(msg):
 def streamer(ev, tag, pace, stop, res):
     i = 0
     while not stop.is_set():
+        res["starts"].append(time.monotonic())
         if ev.fire_event({"i": i}, tag, timeout=5000):
             res["sent"] += 1
         else:
@@ -278,7 +279,7 @@ def handle(cmd):
         objs.pop(cmd["name"]).destroy()
         return {}
     if op == "stream_start":
-        stop, res = threading.Event(), {"sent": 0, "failed": 0}
+        stop, res = threading.Event(), {"sent": 0, "failed": 0, "starts": []}
         thread = threading.Thread(target=streamer, args=(objs[cmd["name"]], cmd["tag"],
                                                          cmd.get("pace", 0.001), stop, res),
                                   daemon=True)
@@ -289,6 +290,8 @@ def handle(cmd):
         thread, stop, res = streams.pop(cmd["name"])
         stop.set()
         thread.join(10)
+        if not cmd.get("starts"):
+            res.pop("starts")
         return res
     if op == "barrier":
         say({"waiting": True})
@@ -1110,6 +1113,81 @@ def test_kill_9_of_broker_process_survivors_recover(sock_dir, spawn):
     assert stream["sent"] >= 1 and stream["failed"] == 0
 
 
+def test_listeners_made_during_a_clean_hand_off_get_every_later_event(sock_dir, spawn):
+    """Wherever a firer is connected while the broker's process leaves, a listener
+    gets every event fired after its constructor returned."""
+    hub, firer_proc = spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    listeners = []
+    try:
+        firer_proc.call(op="stream_start", name="f", tag="seq", pace=0.0005)
+        hub.send(op="exit")
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:          # constructors racing the hand-off
+            ev = MasterEvent(sock_dir)
+            listeners.append((ev, time.monotonic()))
+        hub.recv()
+        assert hub.wait() == 0
+        time.sleep(0.1)                          # let the stream run on the new broker
+        stream = firer_proc.call(op="stream_stop", name="f", starts=True, timeout=15)
+        assert stream["failed"] == 0
+        starts = stream["starts"][:stream["sent"]]
+        for ev, ready in listeners:
+            wanted = {i for i, t in enumerate(starts) if t > ready}
+            got = set()
+            deadline = time.monotonic() + TIMEOUT
+            while not wanted <= got and time.monotonic() < deadline:
+                event = ev.get_event(wait=max(0.01, deadline - time.monotonic()), tag="seq")
+                if event is not None:
+                    got.add(event["i"])
+            assert wanted <= got, f"missed {sorted(wanted - got)[:10]}"
+            assert ev.gaps == 0 and ev.dropped == 0
+    finally:
+        for ev, _ in listeners:
+            ev.destroy()
+
+
+def test_a_busy_listener_loses_nothing_when_the_broker_leaves_cleanly(sock_dir, spawn):
+    """What the leaving broker had not sent yet reaches the listener through the next one."""
+    count = 20000
+    hub, slow, firer_proc = spawn(), spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    slow.call(op="open", name="s", sock_dir=sock_dir)
+    firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    assert firer_proc.call(op="fire", name="f", tag="busy/x", n=count, data={"pad": "p" * 100},
+                           timeout=30)["ok"] == count
+    wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= count,
+               what="the broker to take every event")
+    hub.call(op="exit")                         # the listener has read nothing yet
+    assert hub.wait() == 0
+    got = slow.call(op="get", name="s", tag="busy/", n=count, wait=30, fields=["i"], timeout=40)
+    assert got["n"] == count and got["rows"] == [[i] for i in range(count)]
+    assert got["dropped"] == 0 and got["gaps"] == 0
+
+
+def test_a_resume_that_times_out_still_resumes_later(sock_dir, spawn):
+    """A failed resume is not a fresh start: the next try resumes, and the new broker
+    says what may have been missed."""
+    hub, firer_proc = spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    with MasterEvent(sock_dir) as ev:
+        fd = os.open(lock_path(sock_dir), os.O_RDWR)
+        try:
+            hub.proc.send_signal(signal.SIGKILL)
+            assert hub.wait() == -signal.SIGKILL
+            fcntl.flock(fd, fcntl.LOCK_EX)       # nobody can be elected for now
+            assert ev.get_event(wait=0.2, tag="late") is None
+        finally:
+            os.close(fd)                         # now the firer can elect itself
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+        assert firer_proc.call(op="fire", name="f", tag="late", n=5)["ok"] == 5
+        got = [ev.get_event(wait=TIMEOUT, tag="late") for _ in range(5)]
+        assert [g and g["i"] for g in got] == [0, 1, 2, 3, 4]
+        assert ev.gaps == 1
+        assert [gap.reason for gap in ev.missed] == ["crash"]
+
+
 # -- Client classes -----------------------------------------------------------
 
 
@@ -1685,6 +1763,124 @@ def test_fire_here_listen_in_child(sock_dir, spawn):
         ("cross/back", i, [1, 2]) for i in range(3)]
 
 
+class MuteBroker:
+    """A broker of ours that greets every client and never reads: firers fill up."""
+
+    def __init__(self, sock_dir):
+        self.lock_fd = os.open(lock_path(sock_dir), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)     # nobody else can be elected
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(bus_path(sock_dir))
+        self.sock.listen(8)
+        self.sock.settimeout(TIMEOUT)
+        self.conns = []
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                conn.sendall(control_frame({"ctl": "hello", "pid": os.getpid(), "epoch": "x"}))
+                self.conns.append(conn)
+        except OSError:
+            pass
+
+    def queued(self):
+        import termios
+        return sum(struct.unpack("i", fcntl.ioctl(c.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+                   for c in self.conns)
+
+    def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        join(self.thread)
+        for conn in self.conns:
+            conn.close()
+        os.close(self.lock_fd)
+
+
+def test_destroy_from_another_thread_wakes_a_fire_blocked_for_ever(sock_dir):
+    mute = MuteBroker(sock_dir)
+    try:
+        ev = MasterEvent(sock_dir, listen=False)
+        result = []
+        thread = threading.Thread(target=lambda: result.append(
+            ev.fire_event({"blob": "x" * (900 << 10)}, "big", timeout=None)))
+        thread.start()
+        wait_until(lambda: mute.queued() > 64 << 10, what="the firer to fill the socket")
+        t0 = time.monotonic()
+        ev.destroy()
+        assert time.monotonic() - t0 < 1.0, "destroy() waited for the blocked fire"
+        join(thread, 2.0)
+        assert result == [False]
+    finally:
+        mute.close()
+
+
+def test_destroy_from_another_thread_wakes_a_fire_waiting_for_the_bus(unreachable):
+    ev = MasterEvent(unreachable, listen=False)
+    result = []
+    thread = threading.Thread(target=lambda: result.append(
+        ev.fire_event({}, "t", timeout=None)))
+    thread.start()
+    time.sleep(0.1)                              # let it enter its retry loop
+    t0 = time.monotonic()
+    ev.destroy()
+    join(thread, 2.0)
+    assert time.monotonic() - t0 < 1.0 and result == [False]
+
+
+def test_a_collection_while_the_registry_is_locked_does_not_deadlock(sock_dir, monkeypatch):
+    """__del__ of an unclosed object never takes a lock the interrupted code holds."""
+    other = tempfile.mkdtemp(prefix="se-")
+    real_elect = saltevent._elect
+
+    def elect(bus):
+        gc.collect()                             # as if the collector ran right here
+        return real_elect(bus)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            garbage = MasterEvent(other, listen=False)
+            assert garbage.fire_event({}, "x")
+            garbage.cycle = garbage
+            del garbage
+            monkeypatch.setattr(saltevent, "_elect", elect)
+            made = []
+            thread = threading.Thread(target=lambda: made.append(MasterEvent(sock_dir)))
+            thread.start()
+            join(thread, TIMEOUT)
+            made[0].destroy()
+            monkeypatch.undo()
+            with MasterEvent(sock_dir, listen=False) as ev:   # the registry settles the orphan
+                assert ev.fire_event({}, "y")
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_threads_firing_big_events_on_one_object_never_interleave(listener, firer):
+    n, threads = 20, 4
+    blob = "b" * (300 << 10)                     # bigger than a socket buffer
+    results = []
+
+    def fire(k):
+        results.extend(firer.fire_event({"k": k, "i": i, "blob": blob}, "big/t", timeout=10000)
+                       for i in range(n))
+
+    workers = [threading.Thread(target=fire, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        join(worker, 30)
+    assert results == [True] * (n * threads)
+    got = drain(listener, n * threads, tag="big/t", timeout=30)
+    assert len(got) == n * threads and all(e["data"]["blob"] == blob for e in got)
+    for k in range(threads):
+        assert [e["data"]["i"] for e in got if e["data"]["k"] == k] == list(range(n))
+
+
 # -- asyncio ------------------------------------------------------------------
 
 def run_async(coro, timeout=4 * TIMEOUT):
@@ -2001,6 +2197,25 @@ def test_destroy_never_closes_a_loop_it_was_given(sock_dir):
         loop.close()
 
 
+def test_concurrent_fire_event_async_on_one_object_never_interleave(sock_dir):
+    n = 40
+    blob = "a" * (200 << 10)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, io_loop=loop, listen=False) as ev:
+            results = await asyncio.gather(*(ev.fire_event_async({"i": i, "blob": blob}, "conc")
+                                             for i in range(n)))
+            return results, ev._pull_slot.conn is not None
+
+    with MasterEvent(sock_dir) as listener:
+        results, connected = asyncio.run(main())
+        assert results == [True] * n and connected
+        got = drain(listener, n, tag="conc", timeout=30)
+    assert sorted(e["data"]["i"] for e in got) == list(range(n))
+    assert all(e["data"]["blob"] == blob for e in got)
+
+
 # -- Module-level functions ---------------------------------------------------
 
 
@@ -2175,6 +2390,41 @@ def test_cli_bus_serves_clients_and_hands_off_on_sigterm(sock_dir):
         rc, out, err = reap(bus)
     assert rc == 0, err
     assert "handed off" in err
+
+
+def test_cli_common_options_go_before_or_after_the_command(held_bus):
+    with MasterEvent(held_bus) as listener:
+        rc, _, err = cli_run("-v", "--sock-dir", held_bus, "fire", "n=1", "opt/before")
+        assert rc == 0, err
+        rc, _, err = cli_run("fire", "n=2", "opt/after", "-v", sock_dir=held_bus)
+        assert rc == 0, err
+        assert listener.get_event(wait=TIMEOUT, tag="opt/before")["n"] == 1
+        assert listener.get_event(wait=TIMEOUT, tag="opt/after")["n"] == 2
+
+
+def test_cli_listen_hosting_the_broker_hands_off_on_sighup(sock_dir):
+    host = cli("listen", "--quiet", sock_dir=sock_dir)
+    try:
+        wait_until(lambda: listeners_on(sock_dir) == 1, what="the CLI listener to serve")
+        assert broker_stats(bus_path(sock_dir))["pid"] == host.pid
+        with MasterEvent(sock_dir) as listener, MasterEvent(sock_dir, listen=False) as firer:
+            for i in range(100):
+                if i == 50:
+                    host.send_signal(signal.SIGHUP)      # its terminal went away
+                assert firer.fire_event({"i": i}, "hup/n")
+            got = [e["data"]["i"] for e in drain(listener, 100, tag="hup/n")]
+            assert got == list(range(100)) and listener.gaps == 0
+    finally:
+        rc, _, err = reap(host)
+    assert rc == 128 + signal.SIGHUP, err
+
+
+def test_event_timeout_says_the_timeout_asked_for(unreachable):
+    with MasterEvent(unreachable, listen=False, raise_errors=True) as ev:
+        with pytest.raises(EventTimeout) as info:
+            ev.fire_event({}, "t", timeout=150)
+    assert "within 0.15 s" in str(info.value) and "None" not in str(info.value)
+    assert "None" not in str(EventTimeout("/p", None))
 
 
 def test_cli_stats_reflects_traffic(held_bus):
