@@ -2255,6 +2255,194 @@ def test_fire_args_never_raises(sock_dir, caplog):
     assert len([r for r in caplog.records if "Failed to fire args" in r.getMessage()]) == 2
 
 
+# -- Catching up: sequence numbers, replay, exact gaps ------------------------
+
+
+def seqs_of(events):
+    return [e["seq"] for e in events]
+
+
+def test_events_are_numbered_and_full_results_can_carry_the_number(sock_dir):
+    with MasterEvent(sock_dir, opts={"saltevent_seq": True}) as ev, \
+            MasterEvent(sock_dir) as plain:
+        for i in range(5):
+            assert ev.fire_event({"i": i}, "num/x")
+        got = drain(ev, 5, tag="num/")
+        assert [e["data"]["i"] for e in got] == list(range(5))
+        first = got[0]["seq"]
+        assert seqs_of(got) == list(range(first, first + 5))
+        assert all(e["epoch"] == ev.epoch for e in got) and ev.last_seq == first + 4
+        other = plain.get_event(wait=TIMEOUT, tag="num/", full=True)
+        assert set(other) == {"tag", "data"}            # Salt's shape unless asked
+        assert plain.last_seq == first
+
+
+def test_a_late_joiner_gets_the_last_n_then_live_without_a_duplicate_or_a_hole(sock_dir,
+                                                                               spawn):
+    hub, firer_proc = spawn(), spawn()
+    hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)
+    firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    firer_proc.call(op="stream_start", name="f", tag="live", pace=0.0005)
+    try:
+        wait_until(lambda: broker_stats(bus_path(sock_dir))["seq"] > 300, what="300 events")
+        with MasterEvent(sock_dir, opts={"saltevent_replay_last": 100,
+                                         "saltevent_seq": True}) as late:
+            got = drain(late, 400, tag="live")
+    finally:
+        stream = firer_proc.call(op="stream_stop", name="f", timeout=15)
+    assert stream["failed"] == 0 and len(got) == 400
+    numbers = [e["data"]["i"] for e in got]
+    assert numbers == list(range(numbers[0], numbers[0] + 400))
+    assert seqs_of(got) == list(range(got[0]["seq"], got[0]["seq"] + 400))
+    assert late.dropped == 0 and late.gaps == 0 and not late.missed
+
+
+def test_since_works_across_a_clean_hand_off(sock_dir, spawn):
+    hub, firer_proc = spawn(), spawn()
+    hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)
+    firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    assert firer_proc.call(op="fire", name="f", tag="hand/a", n=50)["ok"] == 50
+    before = broker_stats(bus_path(sock_dir))
+    hub.call(op="exit")                          # the broker's process leaves mid-stream
+    assert hub.wait() == 0
+    assert firer_proc.call(op="fire", name="f", tag="hand/b", n=50)["ok"] == 50
+    since = before["seq"] - 30
+    with MasterEvent(sock_dir, opts={"saltevent_replay_since": since,
+                                     "saltevent_seq": True}) as ev:
+        got = drain(ev, 80, tag="hand/")
+        assert broker_stats(bus_path(sock_dir))["epoch"] == before["epoch"]
+    assert seqs_of(got) == list(range(since + 1, since + 81))
+    assert [e["tag"] for e in got] == ["hand/a"] * 30 + ["hand/b"] * 50
+    assert not ev.missed
+
+
+def test_a_replay_older_than_the_ring_says_exactly_what_is_gone(sock_dir, spawn):
+    hub, firer_proc = spawn(), spawn()
+    hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True,
+             opts={"saltevent_ring_events": 100})
+    firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    for _ in range(5):                           # separate sends: separate ring blocks
+        assert firer_proc.call(op="fire", name="f", tag="ring/x", n=100)["ok"] == 100
+    stats = broker_stats(bus_path(sock_dir))
+    ring = stats["ring"]
+    assert ring["events"] <= 200 and ring["last"] == stats["seq"]
+    opts = {"saltevent_replay_since": 10, "saltevent_seq": True,
+            "saltevent_gap_events": True}
+    with MasterEvent(sock_dir, opts=opts) as ev:
+        gap = ev.get_event(wait=TIMEOUT, tag="ring/", full=True)
+        got = drain(ev, stats["seq"] - ring["first"] + 1, tag="ring/")
+    assert gap["tag"] == saltevent.GAP_TAG
+    assert gap["data"] == {"first": 11, "last": ring["first"] - 1,
+                           "count": ring["first"] - 11, "reason": "ring",
+                           "epoch": stats["epoch"]}
+    assert seqs_of(got) == list(range(ring["first"], stats["seq"] + 1))
+    assert list(ev.missed) == [saltevent.Gap(11, ring["first"] - 1, ring["first"] - 11,
+                                             "ring", stats["epoch"])]
+
+
+def test_a_stalled_listeners_drop_ranges_are_exactly_what_it_missed(sock_dir, spawn):
+    burst = 5000
+    opts = {"saltevent_backlog_bytes": 64 << 10, "saltevent_seq": True}
+    with MasterEvent(sock_dir, opts=opts) as stalled:
+        firer_proc = spawn()
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+        assert firer_proc.call(op="fire", name="f", tag="stall/x", n=burst,
+                               data={"pad": "p" * 500}, timeout=30)["ok"] == burst
+        got = drain(stalled, burst, tag="stall/", timeout=10)
+        first = got[0]["seq"] if got else None
+        received = set(seqs_of(got))
+        missed = set()
+        for gap in stalled.missed:
+            assert gap.reason == "backlog"
+            span = set(range(gap.first, gap.last + 1))
+            assert len(span) == gap.count and not span & received
+            missed |= span
+        assert stalled.dropped == len(missed) > 0
+    start = min(received | missed)
+    assert received | missed == set(range(start, start + burst))
+    assert first is not None
+
+
+def test_a_kill_9_starts_a_new_epoch_and_counts_a_gap(sock_dir, spawn):
+    hub, firer_proc = spawn(), spawn()
+    hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)
+    with MasterEvent(sock_dir, opts={"saltevent_gap_events": True}) as ev:
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+        firer_proc.call(op="fire", name="f", tag="k/before")
+        assert ev.get_event(wait=TIMEOUT, tag="k/before") is not None
+        old_epoch, old_seq = ev.epoch, ev.last_seq
+        hub.proc.send_signal(signal.SIGKILL)
+        assert hub.wait() == -signal.SIGKILL
+        firer_proc.call(op="fire", name="f", tag="k/after")
+        gap = ev.get_event(wait=TIMEOUT, tag="k/after", full=True)
+        after = ev.get_event(wait=TIMEOUT, tag="k/after")
+    assert gap["tag"] == saltevent.GAP_TAG and gap["data"]["reason"] == "crash"
+    assert gap["data"]["epoch"] == old_epoch and gap["data"]["first"] == old_seq + 1
+    assert after is not None and ev.epoch != old_epoch and ev.gaps == 1
+
+
+def test_the_in_band_gap_notice_passes_any_tag_filter(sock_dir):
+    opts = {"saltevent_backlog_bytes": 32 << 10, "saltevent_gap_events": True,
+            "saltevent_tags": ["want/"]}
+    with MasterEvent(sock_dir, opts=opts) as ev, MasterEvent(sock_dir, listen=False) as firer:
+        for i in range(400):
+            assert firer.fire_event({"i": i, "pad": "p" * 500}, "want/x")
+        assert firer.fire_event({}, "other/x")
+        first = ev.get_event(wait=TIMEOUT, tag="nothing-matches-this", full=True)
+    assert first["tag"] == saltevent.GAP_TAG and first["data"]["reason"] == "backlog"
+    assert first["data"]["count"] == ev.dropped > 0
+
+
+def test_stats_shows_the_ring(sock_dir):
+    with MasterEvent(sock_dir) as ev:
+        for i in range(3):
+            assert ev.fire_event({"i": i}, "r/x")
+        stats = broker_stats(bus_path(sock_dir))
+    ring = stats["ring"]
+    assert ring["events"] == 3 and ring["last"] == stats["seq"] == 3 and ring["first"] == 1
+    assert ring["bytes"] > 0 and ring["max_events"] == saltevent.DEFAULT_RING_EVENTS
+    assert ring["max_bytes"] == saltevent.DEFAULT_RING_BYTES
+
+
+def test_aiter_events_replays_and_marks_gaps_too(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        opts = {"saltevent_replay_last": 3, "saltevent_seq": True}
+        with MasterEvent(sock_dir, io_loop=loop, opts=opts) as ev:
+            got = []
+            async for event in ev.aiter_events(tag="aio/", full=True):
+                got.append(event)
+                if len(got) == 3:
+                    return got
+
+    with MasterEvent(sock_dir) as firer:
+        for i in range(10):
+            assert firer.fire_event({"i": i}, "aio/x")
+        got = asyncio.run(main())
+    assert [e["data"]["i"] for e in got] == [7, 8, 9] and seqs_of(got) == [8, 9, 10]
+
+
+def test_cli_listen_last_since_seq_and_gaps(held_bus):
+    with MasterEvent(held_bus, listen=False) as firer:
+        for i in range(5):
+            assert firer.fire_event({"i": i}, "cli/r")
+        rc, out, err = cli_run("listen", "cli/*", "--last", "2", "--seq", "--count", "2",
+                               sock_dir=held_bus)
+        assert rc == 0, err
+        lines = out.splitlines()
+        assert [line.split("\t")[:2] for line in lines] == [["4", "cli/r"], ["5", "cli/r"]]
+        assert [json.loads(line.split("\t")[2])["i"] for line in lines] == [3, 4]
+        rc, out, err = cli_run("listen", "--since", "4", "--count", "1", sock_dir=held_bus)
+        assert rc == 0, err
+        assert [json.loads(line.split("\t")[1])["i"] for line in out.splitlines()] == [4]
+        rc, out, err = cli_run("listen", "--since", "0", "--epoch", "not-this-one", "--gaps",
+                               "--count", "1", sock_dir=held_bus)
+        assert rc == 0, err
+        tag, data = out.splitlines()[0].split("\t")
+        assert tag == saltevent.GAP_TAG and json.loads(data)["reason"] == "crash"
+        assert "missed some events 1-? of epoch not-this-one (crash)" in err
+
+
 # -- CLI ----------------------------------------------------------------------
 
 
