@@ -2255,6 +2255,63 @@ def test_fire_args_never_raises(sock_dir, caplog):
     assert len([r for r in caplog.records if "Failed to fire args" in r.getMessage()]) == 2
 
 
+# -- Tag filters in the broker -----------------------------------------------
+
+
+def test_a_listener_that_declares_tags_gets_only_those_from_the_broker(sock_dir):
+    opts = {"saltevent_tags": ["myco/", "salt/job/*/ret/*"]}
+    with MasterEvent(sock_dir, opts=opts) as narrow, MasterEvent(sock_dir) as wide, \
+            MasterEvent(sock_dir, listen=False) as firer:
+        tags = ["myco/a", "other/b", "salt/job/1/ret/m1", "salt/job/1/new", "myco/b/c", "x"]
+        for tag in tags:
+            assert firer.fire_event({"t": tag}, tag)
+        assert [e["tag"] for e in drain(wide, len(tags))] == tags
+        assert [e["tag"] for e in drain(narrow, 3)] == ["myco/a", "salt/job/1/ret/m1",
+                                                        "myco/b/c"]
+        assert narrow.get_event(wait=0.1) is None
+        per = {p["tags"]: p for p in broker_stats(bus_path(sock_dir))["per_listener"]}
+        assert per[2]["events_out"] == 3 and per[None]["events_out"] == len(tags)
+
+
+def test_salt_matching_still_works_within_the_declared_tags(sock_dir):
+    with MasterEvent(sock_dir, opts={"saltevent_tags": ["a/"]}) as ev, \
+            MasterEvent(sock_dir, listen=False) as firer:
+        ev.subscribe("a/keep")
+        for tag in ("a/keep/1", "a/drop/1", "a/want/1", "b/never"):
+            assert firer.fire_event({}, tag)
+        assert ev.get_event(wait=TIMEOUT, tag="a/want", full=True)["tag"] == "a/want/1"
+        assert ev.get_event(no_block=True, tag="a/keep", full=True)["tag"] == "a/keep/1"
+        assert ev.get_event(wait=0.1, tag="b/") is None
+
+
+def test_cli_listen_declares_its_prefix_to_the_broker(held_bus):
+    proc = start_listen(held_bus, "myco/deploy/*", "--count", "1")
+    try:
+        per = broker_stats(bus_path(held_bus))["per_listener"]
+        assert [p["tags"] for p in per] == [1]
+        with MasterEvent(held_bus, listen=False) as firer:
+            assert firer.fire_event({}, "other/thing")
+            assert firer.fire_event({"ok": 1}, "myco/deploy/web")
+    finally:
+        rc, out, err = reap(proc)
+    assert rc == 0, err
+    assert out.startswith("myco/deploy/web\t")
+    assert [p["events_out"] for p in per] == [0]
+
+
+@pytest.mark.parametrize("pattern, tag, wanted", [
+    ("myco/", "myco/x", True), ("myco/", "myco", False), ("myco/", "xmyco/", False),
+    ("a/*/c", "a/b/c", True), ("a/*/c", "a/b/c/d", False), ("a/?", "a/b", True),
+    ("a/[bc]", "a/c", True), ("a/[bc]", "a/d", False), ("*", "anything", True),
+    ("", "anything", True),
+])
+def test_declared_tag_filters_are_prefixes_or_globs(pattern, tag, wanted):
+    assert saltevent._filters_match([saltevent._tag_filter(pattern)], tag) is wanted
+    index = saltevent._TagIndex()
+    index.add("peer", [saltevent._tag_filter(pattern)])
+    assert (index.match(tag) == ("peer",)) is wanted
+
+
 # -- Catching up: sequence numbers, replay, exact gaps ------------------------
 
 
