@@ -3185,7 +3185,7 @@ class _Firing(_EventBase):
         """Send one frame; False (or raise with raise_errors) if not within *timeout*."""
         slot = self._pull_slot
         sent = 0
-        with self._cond:                        # the fast path: one send() on a fresh check
+        with self._lock:                        # the fast path: one send() on a fresh check
             conn = slot.conn
             if (conn is not None and not slot.busy and self._attached is not None
                     and time.monotonic() - self._bye_checked < _BYE_CHECK_INTERVAL):
@@ -3616,7 +3616,8 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
                  raise_errors: bool = False):
         self._attached = None
         self._gen = 0
-        self._cond = threading.Condition(threading.Lock())   # guards the slots' state
+        self._lock = threading.Lock()         # guards the slots' state
+        self._cond = threading.Condition(self._lock)
         self._wake = threading.Event()        # set by destroy(): ends sleeps in _drive
         self._pub_slot = _Slot()
         self._pull_slot = _Slot()
