@@ -108,6 +108,20 @@ TAGS = {
 }
 SUB_EVENT = ("state.highstate", "state.sls")
 
+#: Tags a salt-master does not fire when a minion forwards them in an ``events``
+#: list (salt.daemons.masterapi.MINION_EVENT_BLACKLIST, fnmatch patterns).
+_MINION_EVENT_BLACKLIST = (
+    "salt/job/*/publish",
+    "salt/job/*/new",
+    "salt/job/*/return",
+    "salt/key",
+    "salt/cloud/*",
+    "salt/run/*",
+    "salt/cluster/*",
+    "salt/wheel/*/new",
+    "salt/wheel/*/return",
+)
+
 DEFAULT_WAIT = 5.0                     # seconds, get_event()
 DEFAULT_MAX_EVENT_SIZE = 1 << 20       # bytes of encoded data before trimming (Salt's default)
 DEFAULT_BACKLOG_BYTES = 32 << 20       # bytes the broker queues for one listener, at most
@@ -663,6 +677,16 @@ def _sun_path_max() -> int:
     return 107 if sys.platform.startswith("linux") else 103
 
 
+def _bus_id(opts: Mapping) -> str | bytes:
+    """Return the minion id a minion bus is named after, as Salt 3008 picks it:
+    ``opts['hash_id']`` when the key is there, else ``opts['id']``, else ``''``."""
+    minion_id = opts["hash_id"] if "hash_id" in opts else opts.get("id", "")
+    if not isinstance(minion_id, (str, bytes, bytearray)):
+        raise TypeError(f"minion id (opts['hash_id'] or opts['id']) must be a str, "
+                        f"not {type(minion_id).__name__}")
+    return minion_id
+
+
 def _bus_name(node: str, opts: Mapping) -> str:
     """Return the bus name of *node*: ``master``, or ``minion-<10 hex of the id hash>``."""
     if node == "master":
@@ -672,10 +696,9 @@ def _bus_name(node: str, opts: Mapping) -> str:
     hasher = getattr(hashlib, hash_type, None)
     if not callable(hasher):
         raise ValueError(f"unknown hash_type {hash_type!r}")
-    minion_id = opts.get("hash_id")
-    if not isinstance(minion_id, str) or not minion_id:
-        minion_id = opts.get("id") or socket.gethostname()
-    return "minion-" + hasher(str(minion_id).encode()).hexdigest()[:10]
+    minion_id = _bus_id(opts)
+    key = minion_id.encode() if isinstance(minion_id, str) else bytes(minion_id)
+    return "minion-" + hasher(key).hexdigest()[:10]
 
 
 def _private_sock_dir() -> str:
@@ -2908,9 +2931,11 @@ class _Listening(_EventBase):
         return True
 
     def close_pub(self) -> None:
-        """Close the listening side; events already received stay queued."""
+        """Close the listening side; as in Salt, cached and unread events are dropped."""
         self._resume_from = None
         self._close_slot(self._pub_slot)
+        self.pending_events = []
+        self._events.clear()
 
     def get_event(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                   match_type: str | None = None, no_block: bool = False,
@@ -3013,10 +3038,9 @@ class _Listening(_EventBase):
         """
         if tag is None:
             return
-        try:
-            self.pending_tags.remove([tag, _get_matcher(match_type or self._match_type)])
-        except ValueError:
-            pass
+        entry = [tag, _get_matcher(match_type or self._match_type)]
+        if entry in self.pending_tags:
+            self.pending_tags.remove(entry)
         self.pending_events = [
             event for event in self.pending_events
             if any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags)
@@ -3214,56 +3238,112 @@ class _Firing(_EventBase):
     def fire_event(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire *data* under *tag* on this bus.
 
+        On a minion bus, an event whose tag starts with ``fire_master`` is then
+        forwarded to the master bus, as salt-minion does (see fire_master()).
+
         :param timeout: milliseconds to wait for the bus (Salt's unit); None waits.
-        :returns: True once the bus has the event, False if it could not be reached.
+        :returns: True once the bus (and the master bus, when forwarding) has the
+            event, False if it could not be reached.
         :raises ValueError: empty tag, data not a mapping, or an event too large.
         :raises TypeError: a value JSON cannot carry (the message names its key).
         """
         frame = self._frame(data, tag)
-        return self._send(frame, None if timeout is None else timeout / 1000.0)
+        ok = self._send(frame, None if timeout is None else timeout / 1000.0)
+        if ok and self.node != "master" and tag.startswith("fire_master"):
+            ok = self._forward_to_master(data, timeout)
+        return ok
 
     def fire_master(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire an event for the master: tag ``fire_master`` here, forwarded from a minion bus.
 
-        On a minion bus the event also reaches the master bus (``opts['master_sock_dir']``,
-        else the sock_dir this object was given, else the master bus's default) as the
-        master sees a minion's event in Salt: under *tag*,
-        with data ``{'cmd': '_minion_event', 'id': <minion id>, 'data': data, 'tag': tag,
-        'pretag': None}``.
+        Fires ``{'tag': tag, 'data': data, 'events': None, 'pretag': None}`` under
+        ``fire_master``, as Salt does.  On a minion bus the master bus
+        (``opts['master_sock_dir']``, else the sock_dir this object was given, else
+        the master bus's default) then gets what a salt-master fires for it: under
+        *tag*, ``{'id': <minion id>, 'cmd': '_minion_event', 'pretag': None,
+        'data': data, 'tag': tag, 'ts': <unix time>, '_stamp': ...}``.
         """
         msg = {"tag": tag, "data": data, "events": None, "pretag": None}
-        ok = self.fire_event(msg, "fire_master", timeout)
-        if self.node != "master":
-            ok = self._forward_to_master(data, tag, timeout) and ok
-        return ok
+        return self.fire_event(msg, "fire_master", timeout)
 
-    def _forward_to_master(self, data: Mapping, tag: str, timeout: float | None) -> bool:
-        load = {"id": self.opts.get("id") or socket.gethostname(), "cmd": "_minion_event",
-                "pretag": None, "data": dict(data), "tag": tag}
-        master_dir = self._master_sock_dir     # None: the master bus's own default
+    def _master_events(self, msg: Mapping) -> list:
+        """Return the (tag, data) events a salt-master fires on its bus when this
+        minion forwards the ``fire_master`` event *msg*.
+
+        salt-minion sends ``events`` if any, else ``data`` and ``tag`` with its id;
+        the master fires the whole load under ``tag``, or each of the ``events``
+        (first under ``<pretag>/<tag>`` when there is a pretag), leaving out the
+        tags of _MINION_EVENT_BLACKLIST.
+        """
+        try:
+            data, tag, events, pretag = msg["data"], msg["tag"], msg["events"], msg["pretag"]
+        except KeyError as exc:
+            log.warning("fire_master event without %s: not forwarded to the master", exc)
+            return []
+        if not events:
+            if not tag:
+                return []
+            minion_id = _bus_id(self.opts)      # the id of the minion that owns this bus
+            if not isinstance(minion_id, str):
+                minion_id = bytes(minion_id).decode(errors="replace")
+            return [(tag, {"id": minion_id, "cmd": "_minion_event", "pretag": pretag,
+                           "data": data or {}, "tag": tag, "ts": int(time.time())})]
+        import fnmatch
+        fired = []
+        for event in events:
+            event_data = event["data"] if "data" in event else event
+            if pretag is not None:
+                fired.append((tagify(event["tag"], base=pretag), event_data))
+            if any(fnmatch.fnmatch(event["tag"], black) for black in _MINION_EVENT_BLACKLIST):
+                log.warning("Filtering blacklisted event tag %s", event["tag"])
+                continue
+            fired.append((event["tag"], event_data))
+        return fired
+
+    def _master_bus(self, io_loop: Any = None) -> SaltEvent:
+        """Return a firing object for the master bus that this minion bus forwards to."""
         opts = {key: self.opts[key] for key in ("max_event_size", "hash_type") if key in self.opts}
-        with SaltEvent("master", master_dir, opts=opts, listen=False,
-                       raise_errors=self.raise_errors) as master:
-            return master.fire_event(load, tag, timeout)
+        return SaltEvent("master", self._master_sock_dir, opts=opts, listen=False,
+                         io_loop=io_loop, raise_errors=self.raise_errors)
+
+    def _forward_to_master(self, msg: Mapping, timeout: float | None) -> bool:
+        events = self._master_events(msg)
+        if not events:
+            return True
+        with self._master_bus() as master:
+            return all([master.fire_event(data, tag, timeout) for tag, data in events])
+
+    async def _forward_to_master_async(self, msg: Mapping, timeout: float | None) -> bool:
+        events = self._master_events(msg)
+        if not events:
+            return True
+        with self._master_bus(self._loop()) as master:
+            return all([await master.fire_event_async(data, tag, timeout=timeout)
+                        for tag, data in events])
 
     def fire_ret_load(self, load: Mapping) -> None:
-        """Fire Salt's error events for a failed ``state.sls``/``state.highstate`` return."""
+        """Fire Salt's error events for a failed ``state.sls``/``state.highstate`` return.
+
+        As in Salt 3008: for each failed state of a function in ``SUB_EVENT`` whose
+        retcode is non-zero, fire the state's data under ``<module>.<function>``,
+        then with ``jid``, ``id``, ``success``, ``return``, ``fun`` (and ``user``
+        when the load has one) under ``salt/job/<jid>/sub/<id>/error/<fun>``.  The
+        state dicts in *load* are updated in place, as Salt does; a return that is
+        not a dict, or an error while firing, is logged, not raised.
+        """
         if not (load.get("retcode") and load.get("fun")):
             return
-        funs = load["fun"]
+        funs, retcodes = load["fun"], load["retcode"]
         if not isinstance(funs, list):
             if funs in SUB_EVENT:
                 self._fire_ret_load_specific_fun(load)
             return
-        retcodes = load["retcode"]
         for index, fun in enumerate(funs):
-            if fun not in SUB_EVENT:
-                continue
             if isinstance(retcodes, list):
                 failed = len(retcodes) > index and retcodes[index]
             else:
                 failed = retcodes.get(fun, 0)
-            if failed:
+            if failed and fun in SUB_EVENT:
                 self._fire_ret_load_specific_fun(load, index)
 
     def _fire_ret_load_specific_fun(self, load: Mapping, fun_index: int = 0) -> None:
@@ -3280,38 +3360,44 @@ class _Firing(_EventBase):
             fun = load["fun"]
             ret = load.get("return", {})
             retcode = load["retcode"]
-        if not isinstance(ret, Mapping):
-            log.error("cannot fire state error events: the return is a %s, not a dict",
-                      type(ret).__name__)
+        if not isinstance(ret, dict):
+            log.error("Event with bad payload received from '%s': %s", load.get("id", "UNKNOWN"),
+                      "".join(ret) if isinstance(ret, list) else ret)
             return
-        for state_tag, data in ret.items():
-            if not isinstance(data, dict):
-                continue
-            data["retcode"] = retcode
-            parts = state_tag.split("_|-")
-            if data.get("result") is False:
-                self.fire_event(data, f"{parts[0]}.{parts[-1]}")
-                data["jid"] = load.get("jid")
-                data["id"] = load.get("id")
-                data["success"] = False
-                data["return"] = f"Error: {parts[0]}.{parts[-1]}"
-                data["fun"] = fun
-                data["user"] = load.get("user")
-                self.fire_event(data, tagify([load.get("jid"), "sub", load.get("id"), "error", fun],
-                                             "job"))
+        try:
+            for state_tag, data in ret.items():
+                data["retcode"] = retcode
+                parts = state_tag.split("_|-")
+                if data.get("result") is False:
+                    self.fire_event(data, f"{parts[0]}.{parts[-1]}")
+                    data["jid"] = load["jid"]
+                    data["id"] = load["id"]
+                    data["success"] = False
+                    data["return"] = f"Error: {parts[0]}.{parts[-1]}"
+                    data["fun"] = fun
+                    if "user" in load:
+                        data["user"] = load["user"]
+                    self.fire_event(data, tagify([load["jid"], "sub", load["id"], "error", fun],
+                                                 "job"))
+        except Exception as exc:    # Salt logs any failure here, whatever it is
+            import logging
+            log.error("Event from '%s' iteration failed with exception: %s",
+                      load.get("id", "UNKNOWN"), exc, exc_info=log.isEnabledFor(logging.DEBUG))
 
 
 def _asyncio_loop(io_loop: Any) -> Any:
-    """Return the asyncio loop of *io_loop*: an asyncio loop, or a Tornado IOLoop (what
-    Salt code passes), whose ``asyncio_loop`` is used; tornado is never imported."""
+    """Return the asyncio loop of *io_loop*: an asyncio loop itself, or a Tornado
+    IOLoop's ``asyncio_loop`` (what Salt code passes; tornado is never imported)."""
     if io_loop is None:
         return None
-    loop = getattr(io_loop, "asyncio_loop", io_loop)
-    if not all(hasattr(loop, name) for name in ("create_future", "add_reader",
-                                                   "call_soon_threadsafe", "is_closed")):
-        raise TypeError("io_loop must be an asyncio event loop or a Tornado IOLoop, not "
-                        f"{type(io_loop).__name__}")
-    return loop
+    import asyncio
+    if isinstance(io_loop, asyncio.AbstractEventLoop):
+        return io_loop
+    loop = getattr(io_loop, "asyncio_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return loop
+    raise TypeError("io_loop must be an asyncio event loop or a Tornado IOLoop running on "
+                    f"asyncio, not {type(io_loop).__module__}.{type(io_loop).__qualname__}")
 
 
 class _AsyncFace(_EventBase):
@@ -3453,6 +3539,7 @@ class _AsyncFace(_EventBase):
         *handler* may be a plain function or a coroutine function; an exception it
         raises is logged with its traceback and later events still come.
         """
+        self._open()
         loop = self._loop()
         if self._pub is None and not self.connect_pub(timeout=_CONNECT_TIMEOUT):
             raise BusClosedError(self._bus.path, "cannot listen")
@@ -3541,11 +3628,14 @@ class _AsyncFace(_EventBase):
         try:
             await self._claim_async(slot, deadline, gen)
             try:
-                return await self._drive_async(self._send_steps(frame, 0, deadline, gen))
+                ok = await self._drive_async(self._send_steps(frame, 0, deadline, gen))
             finally:
                 self._unclaim(slot)
         except (SaltEventError, OSError) as exc:
             return self._failed("event not sent", exc)
+        if ok and self.node != "master" and tag.startswith("fire_master"):
+            ok = await self._forward_to_master_async(data, timeout)
+        return ok
 
     def _check_no_handler(self) -> None:
         if self._handler is not None:
@@ -3626,8 +3716,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         if opts:
             self.opts.update(opts)
         self.raise_errors = raise_errors
-        self._aloop = _asyncio_loop(io_loop)
-        self.io_loop = io_loop
+        self._aloop = self.io_loop = _asyncio_loop(io_loop)
         self.keep_loop = keep_loop
         self._own_loop = False
         self._waiters = {}                     # asyncio futures waiting on our sockets
@@ -3661,7 +3750,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         limit = _sun_path_max()
         if len(os.fsencode(self._bus.path)) > limit:
             raise ValueError(f"socket path too long for AF_UNIX ({len(os.fsencode(self._bus.path))} "
-                             f"bytes, at most {limit} here): {self._bus.path}")
+                             f"bytes, at most {limit} on {sys.platform}): {self._bus.path}")
         _ensure_sock_dir(self.sock_dir)
         self._open()
         try:
@@ -3725,6 +3814,10 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
             _attach(self._bus)
             self._attached = self._bus
             self._wake = threading.Event()
+            loop = self._aloop
+            if self._own_loop and loop is not None and loop.is_closed():
+                self._aloop = self.io_loop = None
+                self._own_loop = False
 
     # -- state derived from the connections (Salt's cpub / cpush flags)
 
@@ -3754,8 +3847,11 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._gen += 1
         self._wake.set()
         self._close_async()
+        self._handler = None
         self._close_slot(self._pub_slot)
         self._close_slot(self._pull_slot)
+        self.pending_events = []               # as Salt's close_pub(): unread events go
+        self._events.clear()
         with self._cond:
             self._cond.notify_all()
         bus, self._attached = self._attached, None
@@ -4000,8 +4096,7 @@ def _cli_opts(args: Any) -> dict:
     opts = {}
     if args.sock_dir:
         opts["sock_dir"] = args.sock_dir
-    if args.id:
-        opts["id"] = args.id
+    opts["id"] = args.id or socket.gethostname()   # salt-call's id defaults to the host's
     return opts
 
 

@@ -644,6 +644,19 @@ def test_stamp_is_utc_iso8601_as_salt_3008():
     assert before - datetime.timedelta(seconds=1) <= parsed <= after + datetime.timedelta(seconds=1)
 
 
+@pytest.mark.parametrize("ns", [
+    1_795_929_045_553_007_000,      # 2026-11-30T05:10:45.553007
+    1_795_929_045_000_000_000,      # a whole second: isoformat() leaves out the fraction
+    1_795_929_045_000_001_999,      # one microsecond (the nanoseconds are dropped)
+    1_795_929_046_999_999_000,      # the next second, from the cached one
+    0,
+])
+def test_stamp_is_exactly_salts_isoformat(monkeypatch, ns):
+    monkeypatch.setattr(time, "time_ns", lambda: ns)
+    when = datetime.datetime.fromtimestamp(ns // 1000 / 1e6, datetime.timezone.utc)
+    assert saltevent._stamp() == when.replace(microsecond=ns // 1000 % 1_000_000).isoformat()
+
+
 @pytest.mark.parametrize("tag, data", [(e["tag"], e["data"]) for e in EVENTS]
                          + [("tuple", {"t": (1, 2)})])
 def test_pack_unpack_round_trip(tag, data):
@@ -792,6 +805,24 @@ def test_sock_dir_too_long_for_af_unix_is_a_clear_error(sock_dir):
     with pytest.raises(ValueError, match="too long"):
         MasterEvent(long_dir)
     assert not os.path.exists(long_dir)
+
+
+def test_socket_path_may_use_the_platforms_whole_af_unix_limit(sock_dir):
+    limit = 107 if sys.platform.startswith("linux") else 103     # sun_path less its NUL
+    name = os.path.basename(bus_path(sock_dir))
+    room = limit - len(os.path.join(sock_dir, "", name))
+    if room < 2:
+        pytest.skip(f"the temporary directory {sock_dir} is too long for this test")
+    at_limit = os.path.join(sock_dir, "d" * (room - 1))
+    assert len(os.fsencode(bus_path(at_limit))) == limit
+    with MasterEvent(at_limit) as ev:
+        assert ev.puburi == bus_path(at_limit)
+        assert ev.fire_event({"n": 1}, "deep") and ev.get_event(wait=TIMEOUT, tag="deep")["n"] == 1
+    over = os.path.join(sock_dir, "d" * room)
+    with pytest.raises(ValueError) as info:
+        MasterEvent(over)
+    assert str(info.value) == (f"socket path too long for AF_UNIX ({limit + 1} bytes, at most "
+                               f"{limit} on {sys.platform}): {bus_path(over)}")
 
 
 def test_socket_names_never_collide_with_salt(sock_dir):
@@ -1449,6 +1480,18 @@ def test_unsubscribe_drops_cached_events_no_subscription_wants(listener, firer):
     assert listener.get_event(no_block=True, tag="ab", full=True)["tag"] == "ab/1"
 
 
+def test_unsubscribe_of_a_tag_never_subscribed_is_ignored_and_still_filters(sock_dir):
+    with MasterEvent(sock_dir, listen=False) as ev:
+        ev.subscribe("a/")
+        ev.pending_events = [{"tag": "a/1", "data": {}}, {"tag": "gone/1", "data": {}}]
+        ev.unsubscribe("never/")
+        ev.unsubscribe("a/", match_type="endswith")           # subscribed, but not so
+        assert [tag for tag, _ in ev.pending_tags] == ["a/"]
+        assert ev.pending_events == [{"tag": "a/1", "data": {}}]  # as Salt 3008 filters
+        with pytest.raises(ValueError, match="match_type"):
+            ev.unsubscribe("a/", match_type="bogus")
+
+
 def test_unsubscribe_keeps_events_another_subscription_wants(listener, firer):
     listener.subscribe("job/")
     listener.subscribe("/ret", match_type="find")
@@ -1527,30 +1570,69 @@ def test_connect_and_close_pub_and_pull(sock_dir, listener):
 def test_context_manager_and_destroy_idempotent(sock_dir):
     with MasterEvent(sock_dir) as ev:
         assert ev.cpub
-    assert not ev.cpub and not ev.cpush
+    assert not ev.cpub and not ev.cpush and ev.closed
     ev.destroy()
     ev.destroy()
-    assert ev.closed
-    with MasterEvent(sock_dir) as again:            # the bus was released and comes back
+    assert bus_path(sock_dir) not in saltevent._users      # detached once, not three times
+    assert bus_path(sock_dir) not in saltevent._brokers    # the bus was released ...
+    with MasterEvent(sock_dir) as again:                   # ... and comes back
         assert again.fire_event({}, "x") and again.get_event(wait=TIMEOUT, tag="x") is not None
 
 
-def test_a_destroyed_object_is_used_again_as_in_salt(sock_dir):
-    with MasterEvent(sock_dir) as listener:
+def test_destroyed_object_is_usable_again_as_in_salt(sock_dir):
+    def users():
+        return saltevent._users.get(bus_path(sock_dir), 0)
+
+    with MasterEvent(sock_dir) as other:
         ev = MasterEvent(sock_dir)
+        try:
+            assert users() == 2
+            ev.subscribe("keep/")
+            assert other.fire_event({}, "keep/1") and other.fire_event({}, "go/1")
+            assert ev.get_event(wait=TIMEOUT, tag="go/") is not None
+            assert [e["tag"] for e in ev.pending_events] == ["keep/1"]
+            ev.destroy()
+            ev.destroy()
+            assert ev.closed and users() == 1
+            assert ev.pending_events == [] and [t for t, _ in ev.pending_tags] == ["keep/"]
+
+            assert ev.fire_event({"n": 1}, "again/1") is True       # fire_event reconnects
+            assert not ev.closed and users() == 2
+            assert other.get_event(wait=TIMEOUT, tag="again/1")["n"] == 1
+
+            ev.destroy()
+            assert ev.connect_pub() is True and users() == 2        # listens again
+            assert other.fire_event({"n": 2}, "again/2")
+            assert ev.get_event(wait=TIMEOUT, tag="again/2")["n"] == 2
+
+            ev.destroy()
+            assert ev.get_event(wait=0.1) is None                    # Salt's get_event
+            assert ev.cpub and users() == 2                          # connects again too
+            assert other.fire_event({"n": 3}, "again/3")
+            assert ev.get_event(wait=TIMEOUT, tag="again/3")["n"] == 3
+        finally:
+            ev.destroy()
+        assert users() == 1
+    assert users() == 0 and bus_path(sock_dir) not in saltevent._brokers
+
+
+def test_destroy_ends_a_get_event_in_another_thread_even_if_reused_at_once(sock_dir, firer):
+    ev = MasterEvent(sock_dir)
+    ev.subscribe("noise/")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(ev.get_event(wait=0, tag="never/")))
+    thread.start()
+    try:
+        assert firer.fire_event({}, "noise/1")
+        wait_until(lambda: ev.pending_events, what="the waiting get_event to cache noise/1")
+    finally:
         ev.destroy()
-        assert ev.fire_event({"n": 1}, "again/fire") is True      # reconnects, as Salt does
-        assert listener.get_event(wait=TIMEOUT, tag="again/fire")["n"] == 1
-        assert not ev.closed
-        ev.destroy()
-        assert ev.connect_pub() is True                           # listens again
-        assert listener.fire_event({"n": 2}, "again/listen")
-        assert ev.get_event(wait=TIMEOUT, tag="again/listen")["n"] == 2
-        ev.destroy()
-        assert ev.get_event(wait=0.2, tag="nothing") is None      # get_event reconnects too
-        assert ev.cpub
-        ev.destroy()
-        assert ev.closed and not ev.cpub and not ev.cpush
+        try:
+            assert ev.fire_event({}, "reused/1") is True    # reattaches before the waiter wakes
+        finally:
+            join(thread)
+            ev.destroy()
+    assert result == [None]
 
 
 def test_unclosed_object_warns_and_closes(sock_dir):
@@ -1583,6 +1665,43 @@ def test_minion_hash_type_is_honoured(sock_dir):
         assert hashlib.md5(b"m2").hexdigest().startswith(digest)
 
 
+def _salt_minion_hash(hash_type, minion_id):
+    """What Salt 3008 (salt.transport.base._minion_hash) names a minion bus after."""
+    key = minion_id.encode() if isinstance(minion_id, str) else minion_id
+    return getattr(hashlib, hash_type)(key).hexdigest()[:10]
+
+
+@pytest.mark.parametrize("opts, key", [
+    (None, ""),                                      # Salt's default minion opts: id ''
+    ({}, ""),
+    ({"id": "web1"}, "web1"),
+    ({"id": "web1", "hash_id": "main-proxy"}, "main-proxy"),   # hash_id wins, as in Salt
+    ({"hash_id": "main-proxy"}, "main-proxy"),
+    ({"id": "wéb"}, "wéb"),                          # UTF-8, as salt's to_bytes
+    ({"id": b"raw"}, b"raw"),
+    ({"id": "web1", "hash_type": "md5"}, "web1"),
+])
+def test_minion_bus_is_named_as_salt_names_it(sock_dir, opts, key):
+    hash_type = (opts or {}).get("hash_type", "sha256")
+    with SaltEvent("minion", sock_dir, opts=opts, listen=False) as ev:
+        assert ev.puburi == bus_path(sock_dir, "minion-" + _salt_minion_hash(hash_type, key))
+    assert _salt_minion_hash("sha256", "") == "e3b0c44298"
+
+
+@pytest.mark.parametrize("opts", [{"id": None}, {"id": 7}, {"id": "x", "hash_id": None}])
+def test_minion_id_that_salt_cannot_hash_is_a_clear_type_error(sock_dir, opts):
+    with pytest.raises(TypeError, match="minion id"):
+        SaltEvent("minion", sock_dir, opts=opts, listen=False)
+
+
+def test_fire_master_forwards_with_the_id_of_the_bus_owner(sock_dir):
+    with MasterEvent(sock_dir) as master:
+        for opts, owner in (({}, ""), ({"id": "sub", "hash_id": "main"}, "main")):
+            with SaltEvent("minion", sock_dir, opts=opts, listen=False) as minion:
+                assert minion.fire_master({}, "who")
+            assert master.get_event(wait=TIMEOUT, tag="who")["id"] == owner
+
+
 def test_two_minion_ids_are_two_buses(sock_dir):
     with MinionEvent({"sock_dir": sock_dir, "id": "a"}) as a, \
             MinionEvent({"sock_dir": sock_dir, "id": "b"}) as b, MasterEvent(sock_dir) as m:
@@ -1613,12 +1732,79 @@ def test_fire_master_from_minion_reaches_master_bus(sock_dir):
         local = minion.get_event(wait=TIMEOUT, tag="fire_master", full=True)
     assert got["tag"] == "my/custom/tag"
     load = got["data"]
-    assert load["cmd"] == "_minion_event" and load["id"] == "minion-7"
-    assert load["data"] == data and load["tag"] == "my/custom/tag" and load["pretag"] is None
+    stamp, ts = load.pop("_stamp"), load.pop("ts")           # as a salt-master fires it
+    assert load == {"id": "minion-7", "cmd": "_minion_event", "pretag": None, "data": data,
+                    "tag": "my/custom/tag"}
+    assert list(load) == ["id", "cmd", "pretag", "data", "tag"]
+    assert type(ts) is int and abs(ts - time.time()) < 60
+    assert datetime.datetime.fromisoformat(stamp).tzinfo == datetime.timezone.utc
     assert local["tag"] == "fire_master"
     assert set(local["data"]) == {"tag", "data", "events", "pretag", "_stamp"}
     assert local["data"]["tag"] == "my/custom/tag" and local["data"]["data"] == data
     assert local["data"]["events"] is None and local["data"]["pretag"] is None
+
+
+def _forwarded(sock_dir, fire, n):
+    """Return the first *n* events on the master bus after ``fire(minion)``, then a sentinel."""
+    with MasterEvent(sock_dir) as master, \
+            MinionEvent({"sock_dir": sock_dir, "id": "m1"}, listen=False) as minion:
+        assert fire(minion) is True
+        assert master.fire_event({}, "sentinel")
+        events = drain(master, n + 1, until="sentinel")
+    for event in events:
+        event["data"].pop("_stamp")
+        event["data"].pop("ts", None)
+    return [(e["tag"], e["data"]) for e in events]
+
+
+def test_fire_master_forwards_empty_data_and_blacklisted_tags_as_salt_does(sock_dir):
+    assert _forwarded(sock_dir, lambda m: m.fire_master({}, "no/data"), 1) == [
+        ("no/data", {"id": "m1", "cmd": "_minion_event", "pretag": None, "data": {},
+                     "tag": "no/data"})]
+    # Salt's master checks MINION_EVENT_BLACKLIST for an events list only, not for one event
+    [(tag, load)] = _forwarded(sock_dir, lambda m: m.fire_master({"a": 1}, "salt/job/1/new"), 1)
+    assert tag == "salt/job/1/new" and load["data"] == {"a": 1}
+
+
+def test_fire_master_event_fired_directly_is_forwarded_as_salt_minion_does(sock_dir):
+    msg = {"data": {"k": 1}, "tag": "direct", "events": None, "pretag": None}   # salt.modules.event
+    assert _forwarded(sock_dir, lambda m: m.fire_event(msg, "fire_master"), 1) == [
+        ("direct", {"id": "m1", "cmd": "_minion_event", "pretag": None, "data": {"k": 1},
+                    "tag": "direct"})]
+
+
+def test_forwarded_events_list_gets_pretag_and_blacklist_as_in_salt(sock_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    msg = {"data": None, "tag": None, "pretag": "syndic/m1", "events": [
+        {"tag": "salt/job/1/new", "data": {"a": 1}},
+        {"tag": "my/ok", "data": {"b": 2}},
+        {"tag": "bare", "x": 1},
+        {"tag": "salt/key", "data": {}},
+    ]}
+    assert _forwarded(sock_dir, lambda m: m.fire_event(msg, "fire_master"), 7) == [
+        ("syndic/m1/salt/job/1/new", {"a": 1}),
+        ("syndic/m1/my/ok", {"b": 2}),
+        ("my/ok", {"b": 2}),
+        ("syndic/m1/bare", {"tag": "bare", "x": 1}),
+        ("bare", {"tag": "bare", "x": 1}),
+        ("syndic/m1/salt/key", {}),
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "Filtering blacklisted event tag salt/job/1/new",
+        "Filtering blacklisted event tag salt/key",
+    ]
+
+
+def test_async_fire_of_a_fire_master_event_is_forwarded(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, io_loop=loop) as master, \
+                MinionEvent({"sock_dir": sock_dir, "id": "m1"}, io_loop=loop) as minion:
+            msg = {"data": {"k": 2}, "tag": "async/fwd", "events": None, "pretag": None}
+            assert await minion.fire_event_async(msg, "fire_master") is True
+            return await master.get_event_async(wait=TIMEOUT, tag="async/fwd")
+    load = run_async(main())
+    assert load["id"] == "m1" and load["data"] == {"k": 2} and load["cmd"] == "_minion_event"
 
 
 def test_fire_master_honours_master_sock_dir(sock_dir):
@@ -1671,6 +1857,106 @@ def test_fire_ret_load_multi_function_job(listener, firer):
     tags = [e["tag"] for e in drain(listener, 10, until="sentinel")]
     assert tags == ["file.managed", "salt/job/j2/sub/m2/error/state.sls",
                     "file.managed", "salt/job/j3/sub/m3/error/state.highstate"]
+
+
+def test_fire_ret_load_adds_user_only_when_the_load_has_one(listener, firer):
+    load = {"fun": "state.sls", "retcode": 2, "jid": "j4", "id": "m4", "return": _state_return()}
+    firer.fire_ret_load(load)
+    assert firer.fire_event({}, "sentinel")
+    first, second = [e["data"] for e in drain(listener, 10, until="sentinel")]
+    assert "user" not in second and "user" not in load["return"]["file_|-/etc/x_|-/etc/x_|-managed"]
+    second.pop("_stamp")
+    assert second == {"result": False, "comment": "broken", "name": "/etc/x", "retcode": 2,
+                      "jid": "j4", "id": "m4", "success": False,
+                      "return": "Error: file.managed", "fun": "state.sls"}
+    assert load["return"]["cmd_|-ok_|-true_|-run"] == {"result": True, "comment": "fine",
+                                                       "retcode": 2}  # Salt marks every state
+
+
+def _error_records(caplog):
+    return [(r.getMessage(), r.msg, r.args) for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_fire_ret_load_as_in_salts_own_test(sock_dir, monkeypatch, caplog):
+    """Salt 3008's tests/pytests/unit/utils/event/test_event.py::test_event_fire_ret_load."""
+    load = {
+        "id": "minion_id.example.org",
+        "jid": "20240212095247760376",
+        "fun": "state.highstate",
+        "retcode": 254,
+        "return": {
+            "saltutil_|-sync_states_|-sync_states_|-sync_states": {"result": True},
+            "saltutil_|-sync_modules_|-sync_modules_|-sync_modules": {"result": False},
+        },
+    }
+    expected = {
+        "result": False,
+        "retcode": 254,
+        "jid": "20240212095247760376",
+        "id": "minion_id.example.org",
+        "success": False,
+        "return": "Error: saltutil.sync_modules",
+        "fun": "state.highstate",
+    }
+    calls = []
+    outcomes = iter([None, None, RuntimeError("bus on fire")])
+
+    def fire_event(data, tag, timeout=1000):
+        calls.append((data, tag))
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        return True
+
+    caplog.set_level(logging.INFO, logger="saltevent")
+    with MasterEvent(sock_dir, listen=False) as ev:
+        monkeypatch.setattr(ev, "fire_event", fire_event)
+        ev.fire_ret_load(load)
+        assert calls == [(expected, "saltutil.sync_modules"),
+                         (expected, "salt/job/20240212095247760376/sub/minion_id.example.org"
+                                    "/error/state.highstate")]
+        assert _error_records(caplog) == []
+
+        ev.fire_ret_load(load)                      # its first fire_event raises
+        [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert record.msg == "Event from '%s' iteration failed with exception: %s"
+        assert record.args[0] == "minion_id.example.org" and str(record.args[1]) == "bus on fire"
+        assert not record.exc_info                  # the traceback only when logging DEBUG
+
+        caplog.clear()
+        load["return"] = "Unhandled exception running state.highstate"
+        ev.fire_ret_load(load)
+        traceback = ["Traceback (most recent call last):\n",
+                     "    Just an example of possible return as a list\n"]
+        load["return"] = traceback
+        ev.fire_ret_load(load)
+        template = "Event with bad payload received from '%s': %s"
+        assert _error_records(caplog) == [
+            (template % ("minion_id.example.org", "Unhandled exception running state.highstate"),
+             template, ("minion_id.example.org", "Unhandled exception running state.highstate")),
+            (template % ("minion_id.example.org", "".join(traceback)),
+             template, ("minion_id.example.org", "".join(traceback))),
+        ]
+
+
+def test_fire_ret_load_logs_and_stops_where_salt_does(listener, firer, caplog):
+    caplog.set_level(logging.DEBUG, logger="saltevent")
+    bad_state = {"fun": "state.sls", "retcode": 1, "jid": "j5", "id": "m5",
+                 "return": {"x_|-a_|-a_|-run": "not a dict", **_state_return()}}
+    firer.fire_ret_load(bad_state)                  # stops at the bad state: nothing fired
+    no_jid = {"fun": "state.sls", "retcode": 1, "id": "m6", "return": _state_return()}
+    firer.fire_ret_load(no_jid)                     # fires the first event, then fails
+    firer.fire_ret_load({"fun": "state.sls", "retcode": 1, "jid": "j7", "return": "oops"})
+    assert firer.fire_event({}, "sentinel")
+    assert [e["tag"] for e in drain(listener, 10, until="sentinel")] == ["file.managed"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [
+        "Event from 'm5' iteration failed with exception: "
+        "'str' object does not support item assignment",
+        "Event from 'm6' iteration failed with exception: 'jid'",
+        "Event with bad payload received from 'UNKNOWN': oops",
+    ]
+    assert errors[0].exc_info                       # logging at DEBUG: with the traceback
 
 
 @pytest.mark.parametrize("load", [
@@ -2173,6 +2459,70 @@ def test_destroy_unregisters_the_handler_from_the_loop(sock_dir):
         ev.destroy()
         return loop.remove_reader(fd)     # True would mean a reader on a closed fd
     assert run_async(main()) is False
+
+
+def test_async_object_is_usable_again_after_destroy(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        ev = MasterEvent(sock_dir, io_loop=loop)
+        try:
+            ev.set_event_handler(lambda raw: None)
+            ev.destroy()                          # the handler goes with it, as in Salt
+            assert await ev.fire_event_async({"n": 1}, "again/1") is True
+            assert ev.connect_pub() is True
+            assert await ev.fire_event_async({"n": 2}, "again/2") is True
+            return await ev.get_event_async(wait=TIMEOUT, tag="again/2")
+        finally:
+            ev.destroy()
+    assert run_async(main())["n"] == 2
+
+
+def _use_through(sock_dir, io_loop_of):
+    """Fire, get and handle an event on objects given ``io_loop_of(running loop)``."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        arrived, raws = asyncio.Event(), []
+
+        def handler(raw):
+            raws.append(raw)
+            arrived.set()
+        with MasterEvent(sock_dir, io_loop=io_loop_of(loop)) as ev, \
+                MasterEvent(sock_dir, io_loop=io_loop_of(loop)) as handled:
+            assert ev.io_loop is loop and handled.io_loop is loop   # as Salt's aioloop()
+            handled.set_event_handler(handler)
+            assert await ev.fire_event_async({"n": 1}, "loop/1") is True
+            data = await ev.get_event_async(wait=TIMEOUT, tag="loop/1")
+            await asyncio.wait_for(arrived.wait(), TIMEOUT)
+            return data["n"], SaltEvent.unpack(raws[0])[0]
+    assert run_async(main()) == (1, "loop/1")
+
+
+class _TornadoLikeIOLoop:
+    """What Tornado >= 5 IOLoops on asyncio expose: the loop they run on."""
+
+    def __init__(self, loop):
+        self.asyncio_loop = loop
+
+
+def test_io_loop_may_be_a_tornado_ioloop(sock_dir):
+    _use_through(sock_dir, _TornadoLikeIOLoop)
+
+
+def test_io_loop_may_be_a_real_tornado_ioloop(sock_dir):
+    try:
+        import tornado.ioloop
+    except ImportError:
+        pytest.skip("tornado is not installed here (it is in Salt's virtualenv)")
+    _use_through(sock_dir, lambda loop: tornado.ioloop.IOLoop.current())
+
+
+@pytest.mark.parametrize("io_loop, name", [
+    (object(), "builtins.object"),
+    (_TornadoLikeIOLoop("not a loop"), "_TornadoLikeIOLoop"),
+])
+def test_io_loop_of_another_kind_is_a_clear_type_error(sock_dir, io_loop, name):
+    with pytest.raises(TypeError, match=f"io_loop must be an asyncio event loop .*{name}"):
+        MasterEvent(sock_dir, io_loop=io_loop)
 
 
 def test_keep_loop_decides_whether_destroy_closes_a_loop_saltevent_made(sock_dir):
