@@ -292,7 +292,9 @@ _stamp_second = (-1, "")   # (second, its formatted prefix), replaced as a whole
 
 
 def _stamp() -> str:
-    """Return the time now as Salt stamps events: naive UTC ``datetime.isoformat()``."""
+    """Return the time now as Salt 3008 stamps events:
+    ``datetime.now(timezone.utc).isoformat()``, e.g. ``2026-11-30T05:10:45.553007+00:00``
+    (no fraction when the microseconds are 0)."""
     global _stamp_second
     second, nanos = divmod(time.time_ns(), 1_000_000_000)
     cached = _stamp_second
@@ -300,7 +302,7 @@ def _stamp() -> str:
         cached = _stamp_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S",
                                                         time.gmtime(second)))
     micros = nanos // 1000
-    return f"{cached[1]}.{micros:06d}" if micros else cached[1]
+    return f"{cached[1]}.{micros:06d}+00:00" if micros else cached[1] + "+00:00"
 
 
 def _json_path_error(data: Any, path: str = "") -> str | None:

@@ -546,13 +546,26 @@ def test_framebuffer_default_limit_is_the_wire_limit():
 
 
 def test_stamp_is_utc_iso8601():
-    before = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    before = datetime.datetime.now(datetime.timezone.utc)
     stamp = saltevent._stamp()
-    after = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?", stamp)
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00", stamp)
     parsed = datetime.datetime.fromisoformat(stamp)
-    assert parsed.tzinfo is None
+    assert parsed.tzinfo == datetime.timezone.utc
     assert before - datetime.timedelta(seconds=1) <= parsed <= after + datetime.timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("ns", [
+    1_795_929_045_553_007_000,      # 2026-11-30T05:10:45.553007
+    1_795_929_045_000_000_000,      # a whole second: isoformat() leaves out the fraction
+    1_795_929_045_000_001_999,      # one microsecond (the nanoseconds are dropped)
+    1_795_929_046_999_999_000,      # the next second, from the cached one
+    0,
+])
+def test_stamp_is_exactly_salts_isoformat(monkeypatch, ns):
+    monkeypatch.setattr(time, "time_ns", lambda: ns)
+    when = datetime.datetime.fromtimestamp(ns // 1000 / 1e6, datetime.timezone.utc)
+    assert saltevent._stamp() == when.replace(microsecond=ns // 1000 % 1_000_000).isoformat()
 
 
 @pytest.mark.parametrize("tag, data", [(e["tag"], e["data"]) for e in EVENTS]
@@ -1043,7 +1056,7 @@ def test_fire_event_stamps_a_copy_and_tuples_arrive_as_lists(listener, firer):
     stamp = got.pop("_stamp")
     assert got == {"a": 1, "t": [1, [2, "x"]], "n": None, "b": False, "f": 0.5, "u": "é"}
     parsed = datetime.datetime.fromisoformat(stamp)
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
     assert abs((now - parsed).total_seconds()) < 60
 
 
