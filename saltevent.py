@@ -1796,16 +1796,16 @@ class SaltEvent:
     def unsubscribe(self, tag: str | None, match_type: str | None = None) -> None:
         """Stop keeping *tag*'s events; drop cached events no subscription still wants.
 
-        :raises ValueError: *tag* is not subscribed with that match type (as in Salt).
+        As in Salt 3008, a *tag* not subscribed with that match type is ignored, and
+        the cached events are filtered all the same.
+
+        :raises ValueError: for an unknown *match_type*.
         """
         if tag is None:
             return
-        match_type = match_type or self._match_type
-        try:
-            self.pending_tags.remove([tag, _get_matcher(match_type)])
-        except ValueError:
-            raise ValueError(f"tag {tag!r} is not subscribed with match_type "
-                             f"{match_type!r}") from None
+        entry = [tag, _get_matcher(match_type or self._match_type)]
+        if entry in self.pending_tags:
+            self.pending_tags.remove(entry)
         self.pending_events = [
             event for event in self.pending_events
             if any(pmatch(event["tag"], ptag) for ptag, pmatch in self.pending_tags)

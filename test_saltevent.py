@@ -1288,12 +1288,23 @@ def test_unsubscribe_drops_cached_events_no_subscription_wants(listener, firer):
         assert firer.fire_event({}, tag)
     assert listener.get_event(wait=TIMEOUT, tag="c/", full=True)["tag"] == "c/1"
     listener.unsubscribe("a/")
-    with pytest.raises(ValueError, match="not subscribed"):  # as Salt's list.remove does
-        listener.unsubscribe("not-subscribed")
+    listener.unsubscribe("not-subscribed")                   # ignored, as in Salt 3008
     listener.unsubscribe(None)
     assert listener.get_event(no_block=True, tag="a/") is None
     assert listener.get_event(no_block=True, tag="b/", full=True)["tag"] == "b/1"
     assert listener.get_event(no_block=True, tag="ab", full=True)["tag"] == "ab/1"
+
+
+def test_unsubscribe_of_a_tag_never_subscribed_is_ignored_and_still_filters(sock_dir):
+    with MasterEvent(sock_dir, listen=False) as ev:
+        ev.subscribe("a/")
+        ev.pending_events = [{"tag": "a/1", "data": {}}, {"tag": "gone/1", "data": {}}]
+        ev.unsubscribe("never/")
+        ev.unsubscribe("a/", match_type="endswith")           # subscribed, but not so
+        assert [tag for tag, _ in ev.pending_tags] == ["a/"]
+        assert ev.pending_events == [{"tag": "a/1", "data": {}}]  # as Salt 3008 filters
+        with pytest.raises(ValueError, match="match_type"):
+            ev.unsubscribe("a/", match_type="bogus")
 
 
 def test_unsubscribe_keeps_events_another_subscription_wants(listener, firer):
