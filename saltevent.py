@@ -1338,7 +1338,11 @@ class SaltEvent:
         self._pub = None
         self._pull = None
         self._closed = True                    # until the bus is attached below
+        self._generation = 0                   # destroy() calls so far: ends waits begun before
         self._lock = threading.Lock()          # guards the firing connection
+        self._state_lock = threading.Lock()    # guards _closed, _attached, _generation,
+        self._waiting = 0                      # ... the waits in progress (any thread)
+        self._retired = []                     # ... and the listening conns they must close
         self.node = node
         self.opts = dict(_DEFAULT_OPTS)
         if opts:
@@ -1404,6 +1408,64 @@ class SaltEvent:
     def _check_open(self) -> None:
         if self._closed:
             raise BusClosedError(self._bus.path, "the event object is closed")
+
+    def _reopen(self) -> int:
+        """Re-attach to the bus after destroy(), as Salt's objects stay usable;
+        return the generation that the next destroy() ends."""
+        if self._closed:
+            with self._state_lock:
+                if self._closed:
+                    _attach(self._bus)
+                    self._attached = self._bus
+                    self._closed = False
+                    if self._own_loop and self.io_loop is not None and self.io_loop.is_closed():
+                        self.io_loop, self._own_loop = None, False
+        return self._generation
+
+    def _while_current(self, steps: Iterator, generation: int) -> Iterator:
+        """Run *steps*, but return None once destroy() has ended *generation*.
+
+        The last wait to finish closes the connections destroy() retired under it.
+        """
+        with self._state_lock:
+            self._waiting += 1
+        try:
+            step = next(steps)
+            while self._generation == generation:
+                step = steps.send((yield step))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            steps.close()
+            with self._state_lock:
+                self._waiting -= 1
+                retired = [] if self._waiting else self._retired
+                if retired:
+                    self._retired = []
+            for conn in retired:
+                conn.close()
+        return None
+
+    def _retire_pub(self) -> None:
+        """Close the listening side for destroy().
+
+        If a wait is in progress (in another thread, or a task), only shut the
+        socket down, which wakes it: that wait closes it, so the fd number cannot
+        be reused by a new socket while it is being polled.
+        """
+        conn, self._pub = self._pub, None
+        if conn is None:
+            return
+        self._forget_fd(conn.sock)
+        with self._state_lock:
+            if self._waiting:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._retired.append(conn)
+                return
+        conn.close()
 
     # -- connections (steps shared by both faces)
 
@@ -1583,7 +1645,7 @@ class SaltEvent:
         could be reached within *timeout* seconds (None: wait as long as it takes).
         With ``raise_errors`` a failure raises instead.
         """
-        self._check_open()
+        self._reopen()
         if self._pub is not None:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1610,7 +1672,7 @@ class SaltEvent:
 
     def connect_pull(self, timeout: float | None = 1) -> bool:
         """Connect the firing side; True on success, False after *timeout* seconds."""
-        self._check_open()
+        self._reopen()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             try:
@@ -1628,14 +1690,25 @@ class SaltEvent:
             conn.close()
 
     def destroy(self) -> None:
-        """Close everything; idempotent.  A blocked get_event() in another thread returns."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close everything; idempotent.
+
+        A get_event() blocked in another thread returns, and an iter_events()
+        or aiter_events() begun before ends.  As in Salt, received events not yet
+        taken are dropped, subscriptions stay, and the object stays usable: a later
+        fire_event(), get_event() or connect_pub() connects again.
+        """
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._generation += 1
+            bus, self._attached = self._attached, None
         self._close_async()
-        self.close_pub()
+        self._handler = None
+        self._retire_pub()
         self.close_pull()
-        bus, self._attached = self._attached, None
+        self.pending_events = []
+        self._events.clear()
         if bus is not None:
             _detach(bus)
 
@@ -1652,7 +1725,7 @@ class SaltEvent:
             return
         warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
         self._closed = True
-        for conn in (self._pub, self._pull):
+        for conn in (self._pub, self._pull, *self._retired):
             if conn is not None:
                 conn.sock.close()
         bus, self._attached = self._attached, None
@@ -1746,33 +1819,43 @@ class SaltEvent:
         :raises ValueError: for an unknown *match_type*.
         """
         match = _get_matcher(match_type or self._match_type)
-        event = None
-        if self._events and not self.pending_events:     # the fast path: one queued
-            event = self._take(tag, match)
-        if event is None:
-            event = _drive(self._get_event_steps(self._timeout(wait, no_block), tag, match,
-                                                 auto_reconnect))
+        event = self._next_event(self._reopen(), self._timeout(wait, no_block), tag, match,
+                                 auto_reconnect)
         if event is None or full:
             return event
         return event["data"]
 
+    def _next_event(self, generation: int, timeout: float | None, tag: str, match: Callable,
+                    auto_reconnect: bool) -> dict | None:
+        """Return the next matching event, or None at the deadline or on destroy()."""
+        event = None
+        if self._events and not self.pending_events:     # the fast path: one queued
+            event = self._take(tag, match)
+        if event is None:
+            event = _drive(self._while_current(
+                self._get_event_steps(timeout, tag, match, auto_reconnect), generation))
+        return event
+
     def iter_events(self, tag: str = "", full: bool = False, match_type: str | None = None,
                     auto_reconnect: bool = False) -> Iterator[dict]:
-        """Yield matching events for ever; the iterator ends when the object is closed.
+        """Yield matching events for ever; the iterator ends when destroy() is called.
 
         It always reconnects (as with *auto_reconnect*): an endless iterator has no
         deadline at which to give up.
         """
-        while not self._closed:
-            data = self.get_event(wait=0, tag=tag, full=full, match_type=match_type,
-                                  auto_reconnect=True)
-            if data is not None:
-                yield data
+        match = _get_matcher(match_type or self._match_type)
+        generation = self._reopen()
+        while self._generation == generation:
+            event = self._next_event(generation, None, tag, match, True)
+            if event is not None:
+                yield event if full else event["data"]
 
     def _raw_event(self, timeout: float | None) -> dict | None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        generation = self._reopen()
         try:
-            if self._events or _drive(self._listen_steps(deadline, False)):
+            if self._events or _drive(self._while_current(self._listen_steps(deadline, False),
+                                                          generation)):
                 return self._events.popleft()
         except BusClosedError:
             if self.raise_errors:
@@ -1882,6 +1965,7 @@ class SaltEvent:
         :raises TypeError: a value JSON cannot carry (the message names its key).
         """
         frame = self._frame(data, tag)
+        self._reopen()
         return self._send(frame, None if timeout is None else timeout / 1000.0)
 
     def fire_master(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
@@ -2079,8 +2163,8 @@ class SaltEvent:
         *handler* may be a plain function or a coroutine function; an exception it
         raises is logged with its traceback and later events still come.
         """
+        self._reopen()
         loop = self._loop()
-        self._check_open()
         if self._pub is None and not self.connect_pub(timeout=_CONNECT_TIMEOUT):
             raise BusClosedError(self._bus.path, "cannot listen")
         self._handler = handler
@@ -2146,6 +2230,7 @@ class SaltEvent:
         *cb* is accepted for compatibility and not called, as in Salt.
         """
         frame = self._frame(data, tag)
+        self._reopen()
         deadline = None if timeout is None else time.monotonic() + max(timeout / 1000.0, 0.0)
         try:
             return await self._drive_async(self._send_steps(frame, 0, deadline))
@@ -2161,19 +2246,22 @@ class SaltEvent:
         """Return like get_event(), awaiting on the loop; ``wait`` is the same hard deadline."""
         self._check_no_handler()
         match = _get_matcher(match_type or self._match_type)
-        event = await self._drive_async(self._get_event_steps(self._timeout(wait), tag, match,
-                                                              False))
+        generation = self._reopen()
+        event = await self._drive_async(self._while_current(
+            self._get_event_steps(self._timeout(wait), tag, match, False), generation))
         if event is None or full:
             return event
         return event["data"]
 
     async def aiter_events(self, tag: str = "", full: bool = False,
                            match_type: str | None = None) -> Any:
-        """Yield matching events as an async iterator; it ends when the object is closed."""
+        """Yield matching events as an async iterator; it ends when destroy() is called."""
         self._check_no_handler()
         match = _get_matcher(match_type or self._match_type)
-        while not self._closed:
-            event = await self._drive_async(self._get_event_steps(None, tag, match, True))
+        generation = self._reopen()
+        while self._generation == generation:
+            event = await self._drive_async(self._while_current(
+                self._get_event_steps(None, tag, match, True), generation))
             if event is not None:
                 yield event if full else event["data"]
 

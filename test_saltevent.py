@@ -1385,15 +1385,69 @@ def test_connect_and_close_pub_and_pull(sock_dir, listener):
 def test_context_manager_and_destroy_idempotent(sock_dir):
     with MasterEvent(sock_dir) as ev:
         assert ev.cpub
-    assert not ev.cpub and not ev.cpush
+    assert not ev.cpub and not ev.cpush and ev.closed
     ev.destroy()
     ev.destroy()
-    try:                                            # a closed object does not reopen the bus
-        assert ev.fire_event({}, "closed") is False
-    except BusClosedError:
-        pass
-    with MasterEvent(sock_dir) as again:            # the bus was released and comes back
+    assert bus_path(sock_dir) not in saltevent._users      # detached once, not three times
+    assert bus_path(sock_dir) not in saltevent._brokers    # the bus was released ...
+    with MasterEvent(sock_dir) as again:                   # ... and comes back
         assert again.fire_event({}, "x") and again.get_event(wait=TIMEOUT, tag="x") is not None
+
+
+def test_destroyed_object_is_usable_again_as_in_salt(sock_dir):
+    def users():
+        return saltevent._users.get(bus_path(sock_dir), 0)
+
+    with MasterEvent(sock_dir) as other:
+        ev = MasterEvent(sock_dir)
+        try:
+            assert users() == 2
+            ev.subscribe("keep/")
+            assert other.fire_event({}, "keep/1") and other.fire_event({}, "go/1")
+            assert ev.get_event(wait=TIMEOUT, tag="go/") is not None
+            assert [e["tag"] for e in ev.pending_events] == ["keep/1"]
+            ev.destroy()
+            ev.destroy()
+            assert ev.closed and users() == 1
+            assert ev.pending_events == [] and [t for t, _ in ev.pending_tags] == ["keep/"]
+
+            assert ev.fire_event({"n": 1}, "again/1") is True       # fire_event reconnects
+            assert not ev.closed and users() == 2
+            assert other.get_event(wait=TIMEOUT, tag="again/1")["n"] == 1
+
+            ev.destroy()
+            assert ev.connect_pub() is True and users() == 2        # listens again
+            assert other.fire_event({"n": 2}, "again/2")
+            assert ev.get_event(wait=TIMEOUT, tag="again/2")["n"] == 2
+
+            ev.destroy()
+            assert ev.get_event(wait=0.1) is None                    # Salt's get_event
+            assert ev.cpub and users() == 2                          # connects again too
+            assert other.fire_event({"n": 3}, "again/3")
+            assert ev.get_event(wait=TIMEOUT, tag="again/3")["n"] == 3
+        finally:
+            ev.destroy()
+        assert users() == 1
+    assert users() == 0 and bus_path(sock_dir) not in saltevent._brokers
+
+
+def test_destroy_ends_a_get_event_in_another_thread_even_if_reused_at_once(sock_dir, firer):
+    ev = MasterEvent(sock_dir)
+    ev.subscribe("noise/")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(ev.get_event(wait=0, tag="never/")))
+    thread.start()
+    try:
+        assert firer.fire_event({}, "noise/1")
+        wait_until(lambda: ev.pending_events, what="the waiting get_event to cache noise/1")
+    finally:
+        ev.destroy()
+        try:
+            assert ev.fire_event({}, "reused/1") is True    # reattaches before the waiter wakes
+        finally:
+            join(thread)
+            ev.destroy()
+    assert result == [None]
 
 
 def test_unclosed_object_warns_and_closes(sock_dir):
@@ -1898,6 +1952,22 @@ def test_destroy_unregisters_the_handler_from_the_loop(sock_dir):
         ev.destroy()
         return loop.remove_reader(fd)     # True would mean a reader on a closed fd
     assert run_async(main()) is False
+
+
+def test_async_object_is_usable_again_after_destroy(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        ev = MasterEvent(sock_dir, io_loop=loop)
+        try:
+            ev.set_event_handler(lambda raw: None)
+            ev.destroy()                          # the handler goes with it, as in Salt
+            assert await ev.fire_event_async({"n": 1}, "again/1") is True
+            assert ev.connect_pub() is True
+            assert await ev.fire_event_async({"n": 2}, "again/2") is True
+            return await ev.get_event_async(wait=TIMEOUT, tag="again/2")
+        finally:
+            ev.destroy()
+    assert run_async(main())["n"] == 2
 
 
 def test_keep_loop_decides_whether_destroy_closes_a_loop_saltevent_made(sock_dir):
