@@ -1993,23 +1993,28 @@ class SaltEvent:
             return master.fire_event(load, tag, timeout)
 
     def fire_ret_load(self, load: Mapping) -> None:
-        """Fire Salt's error events for a failed ``state.sls``/``state.highstate`` return."""
+        """Fire Salt's error events for a failed ``state.sls``/``state.highstate`` return.
+
+        As in Salt 3008: for each failed state of a function in ``SUB_EVENT`` whose
+        retcode is non-zero, fire the state's data under ``<module>.<function>``,
+        then with ``jid``, ``id``, ``success``, ``return``, ``fun`` (and ``user``
+        when the load has one) under ``salt/job/<jid>/sub/<id>/error/<fun>``.  The
+        state dicts in *load* are updated in place, as Salt does; a return that is
+        not a dict, or an error while firing, is logged, not raised.
+        """
         if not (load.get("retcode") and load.get("fun")):
             return
-        funs = load["fun"]
+        funs, retcodes = load["fun"], load["retcode"]
         if not isinstance(funs, list):
             if funs in SUB_EVENT:
                 self._fire_ret_load_specific_fun(load)
             return
-        retcodes = load["retcode"]
         for index, fun in enumerate(funs):
-            if fun not in SUB_EVENT:
-                continue
             if isinstance(retcodes, list):
                 failed = len(retcodes) > index and retcodes[index]
             else:
                 failed = retcodes.get(fun, 0)
-            if failed:
+            if failed and fun in SUB_EVENT:
                 self._fire_ret_load_specific_fun(load, index)
 
     def _fire_ret_load_specific_fun(self, load: Mapping, fun_index: int = 0) -> None:
@@ -2026,25 +2031,29 @@ class SaltEvent:
             fun = load["fun"]
             ret = load.get("return", {})
             retcode = load["retcode"]
-        if not isinstance(ret, Mapping):
-            log.error("cannot fire state error events: the return is a %s, not a dict",
-                      type(ret).__name__)
+        if not isinstance(ret, dict):
+            log.error("Event with bad payload received from '%s': %s", load.get("id", "UNKNOWN"),
+                      "".join(ret) if isinstance(ret, list) else ret)
             return
-        for state_tag, data in ret.items():
-            if not isinstance(data, dict):
-                continue
-            data["retcode"] = retcode
-            parts = state_tag.split("_|-")
-            if data.get("result") is False:
-                self.fire_event(data, f"{parts[0]}.{parts[-1]}")
-                data["jid"] = load.get("jid")
-                data["id"] = load.get("id")
-                data["success"] = False
-                data["return"] = f"Error: {parts[0]}.{parts[-1]}"
-                data["fun"] = fun
-                data["user"] = load.get("user")
-                self.fire_event(data, tagify([load.get("jid"), "sub", load.get("id"), "error", fun],
-                                             "job"))
+        try:
+            for state_tag, data in ret.items():
+                data["retcode"] = retcode
+                parts = state_tag.split("_|-")
+                if data.get("result") is False:
+                    self.fire_event(data, f"{parts[0]}.{parts[-1]}")
+                    data["jid"] = load["jid"]
+                    data["id"] = load["id"]
+                    data["success"] = False
+                    data["return"] = f"Error: {parts[0]}.{parts[-1]}"
+                    data["fun"] = fun
+                    if "user" in load:
+                        data["user"] = load["user"]
+                    self.fire_event(data, tagify([load["jid"], "sub", load["id"], "error", fun],
+                                                 "job"))
+        except Exception as exc:    # Salt logs any failure here, whatever it is
+            import logging
+            log.error("Event from '%s' iteration failed with exception: %s",
+                      load.get("id", "UNKNOWN"), exc, exc_info=log.isEnabledFor(logging.DEBUG))
 
     # -- asyncio face: the same steps, driven by the event loop
 

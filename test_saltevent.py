@@ -1570,6 +1570,106 @@ def test_fire_ret_load_multi_function_job(listener, firer):
                     "file.managed", "salt/job/j3/sub/m3/error/state.highstate"]
 
 
+def test_fire_ret_load_adds_user_only_when_the_load_has_one(listener, firer):
+    load = {"fun": "state.sls", "retcode": 2, "jid": "j4", "id": "m4", "return": _state_return()}
+    firer.fire_ret_load(load)
+    assert firer.fire_event({}, "sentinel")
+    first, second = [e["data"] for e in drain(listener, 10, until="sentinel")]
+    assert "user" not in second and "user" not in load["return"]["file_|-/etc/x_|-/etc/x_|-managed"]
+    second.pop("_stamp")
+    assert second == {"result": False, "comment": "broken", "name": "/etc/x", "retcode": 2,
+                      "jid": "j4", "id": "m4", "success": False,
+                      "return": "Error: file.managed", "fun": "state.sls"}
+    assert load["return"]["cmd_|-ok_|-true_|-run"] == {"result": True, "comment": "fine",
+                                                       "retcode": 2}  # Salt marks every state
+
+
+def _error_records(caplog):
+    return [(r.getMessage(), r.msg, r.args) for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_fire_ret_load_as_in_salts_own_test(sock_dir, monkeypatch, caplog):
+    """Salt 3008's tests/pytests/unit/utils/event/test_event.py::test_event_fire_ret_load."""
+    load = {
+        "id": "minion_id.example.org",
+        "jid": "20240212095247760376",
+        "fun": "state.highstate",
+        "retcode": 254,
+        "return": {
+            "saltutil_|-sync_states_|-sync_states_|-sync_states": {"result": True},
+            "saltutil_|-sync_modules_|-sync_modules_|-sync_modules": {"result": False},
+        },
+    }
+    expected = {
+        "result": False,
+        "retcode": 254,
+        "jid": "20240212095247760376",
+        "id": "minion_id.example.org",
+        "success": False,
+        "return": "Error: saltutil.sync_modules",
+        "fun": "state.highstate",
+    }
+    calls = []
+    outcomes = iter([None, None, RuntimeError("bus on fire")])
+
+    def fire_event(data, tag, timeout=1000):
+        calls.append((data, tag))
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        return True
+
+    caplog.set_level(logging.INFO, logger="saltevent")
+    with MasterEvent(sock_dir, listen=False) as ev:
+        monkeypatch.setattr(ev, "fire_event", fire_event)
+        ev.fire_ret_load(load)
+        assert calls == [(expected, "saltutil.sync_modules"),
+                         (expected, "salt/job/20240212095247760376/sub/minion_id.example.org"
+                                    "/error/state.highstate")]
+        assert _error_records(caplog) == []
+
+        ev.fire_ret_load(load)                      # its first fire_event raises
+        [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert record.msg == "Event from '%s' iteration failed with exception: %s"
+        assert record.args[0] == "minion_id.example.org" and str(record.args[1]) == "bus on fire"
+        assert not record.exc_info                  # the traceback only when logging DEBUG
+
+        caplog.clear()
+        load["return"] = "Unhandled exception running state.highstate"
+        ev.fire_ret_load(load)
+        traceback = ["Traceback (most recent call last):\n",
+                     "    Just an example of possible return as a list\n"]
+        load["return"] = traceback
+        ev.fire_ret_load(load)
+        template = "Event with bad payload received from '%s': %s"
+        assert _error_records(caplog) == [
+            (template % ("minion_id.example.org", "Unhandled exception running state.highstate"),
+             template, ("minion_id.example.org", "Unhandled exception running state.highstate")),
+            (template % ("minion_id.example.org", "".join(traceback)),
+             template, ("minion_id.example.org", "".join(traceback))),
+        ]
+
+
+def test_fire_ret_load_logs_and_stops_where_salt_does(listener, firer, caplog):
+    caplog.set_level(logging.DEBUG, logger="saltevent")
+    bad_state = {"fun": "state.sls", "retcode": 1, "jid": "j5", "id": "m5",
+                 "return": {"x_|-a_|-a_|-run": "not a dict", **_state_return()}}
+    firer.fire_ret_load(bad_state)                  # stops at the bad state: nothing fired
+    no_jid = {"fun": "state.sls", "retcode": 1, "id": "m6", "return": _state_return()}
+    firer.fire_ret_load(no_jid)                     # fires the first event, then fails
+    firer.fire_ret_load({"fun": "state.sls", "retcode": 1, "jid": "j7", "return": "oops"})
+    assert firer.fire_event({}, "sentinel")
+    assert [e["tag"] for e in drain(listener, 10, until="sentinel")] == ["file.managed"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [
+        "Event from 'm5' iteration failed with exception: "
+        "'str' object does not support item assignment",
+        "Event from 'm6' iteration failed with exception: 'jid'",
+        "Event with bad payload received from 'UNKNOWN': oops",
+    ]
+    assert errors[0].exc_info                       # logging at DEBUG: with the traceback
+
+
 @pytest.mark.parametrize("load", [
     {"fun": "state.sls", "retcode": 0, "jid": "1", "id": "m", "user": "u",
      "return": _state_return()},
