@@ -117,6 +117,7 @@ _RECV_BYTES = 256 << 10                # bytes per recv()
 _IOV_MAX = 512                         # buffers per sendmsg()
 
 _SOCK_PREFIX = "saltevent-"
+_MAX_SOCK_PATH = 107 if sys.platform.startswith("linux") else 103   # bytes: sun_path less its NUL
 _SOCK_SUFFIX = ".sock"
 _LOCK_SUFFIX = ".lock"
 _SALT_SOCK_DIRS = {"master": "/var/run/salt/master", "minion": "/var/run/salt/minion"}
@@ -1371,9 +1372,10 @@ class SaltEvent:
         self.sock_dir = _resolve_sock_dir(given_dir, node)
         self._bus = _Bus(self.sock_dir, _bus_name(node, self.opts))
         self.puburi = self.pulluri = self._bus.path
-        if len(self._bus.path.encode()) > 100:
-            raise ValueError(f"socket path too long for AF_UNIX ({len(self._bus.path)} bytes): "
-                             f"{self._bus.path}")
+        size = len(os.fsencode(self._bus.path))
+        if size > _MAX_SOCK_PATH:
+            raise ValueError(f"socket path too long for AF_UNIX ({size} bytes, at most "
+                             f"{_MAX_SOCK_PATH} on {sys.platform}): {self._bus.path}")
         _ensure_sock_dir(self.sock_dir)
         _attach(self._bus)
         self._attached = self._bus

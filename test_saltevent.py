@@ -717,6 +717,24 @@ def test_sock_dir_too_long_for_af_unix_is_a_clear_error(sock_dir):
     assert not os.path.exists(long_dir)
 
 
+def test_socket_path_may_use_the_platforms_whole_af_unix_limit(sock_dir):
+    limit = 107 if sys.platform.startswith("linux") else 103     # sun_path less its NUL
+    name = os.path.basename(bus_path(sock_dir))
+    room = limit - len(os.path.join(sock_dir, "", name))
+    if room < 2:
+        pytest.skip(f"the temporary directory {sock_dir} is too long for this test")
+    at_limit = os.path.join(sock_dir, "d" * (room - 1))
+    assert len(os.fsencode(bus_path(at_limit))) == limit
+    with MasterEvent(at_limit) as ev:
+        assert ev.puburi == bus_path(at_limit)
+        assert ev.fire_event({"n": 1}, "deep") and ev.get_event(wait=TIMEOUT, tag="deep")["n"] == 1
+    over = os.path.join(sock_dir, "d" * room)
+    with pytest.raises(ValueError) as info:
+        MasterEvent(over)
+    assert str(info.value) == (f"socket path too long for AF_UNIX ({limit + 1} bytes, at most "
+                               f"{limit} on {sys.platform}): {bus_path(over)}")
+
+
 def test_socket_names_never_collide_with_salt(sock_dir):
     with MasterEvent(sock_dir), MinionEvent({"sock_dir": sock_dir, "id": "m1"}):
         names = os.listdir(sock_dir)
