@@ -440,6 +440,16 @@ class _Bus(tuple):
     name = property(lambda self: self[2])
 
 
+def _bus_id(opts: Mapping) -> str | bytes:
+    """Return the minion id a minion bus is named after, as Salt 3008 picks it:
+    ``opts['hash_id']`` when the key is there, else ``opts['id']``, else ``''``."""
+    minion_id = opts["hash_id"] if "hash_id" in opts else opts.get("id", "")
+    if not isinstance(minion_id, (str, bytes, bytearray)):
+        raise TypeError(f"minion id (opts['hash_id'] or opts['id']) must be a str, "
+                        f"not {type(minion_id).__name__}")
+    return minion_id
+
+
 def _bus_name(node: str, opts: Mapping) -> str:
     """Return the bus name of *node*: ``master``, or ``minion-<10 hex of the id hash>``."""
     if node == "master":
@@ -449,10 +459,9 @@ def _bus_name(node: str, opts: Mapping) -> str:
     hasher = getattr(hashlib, hash_type, None)
     if not callable(hasher):
         raise ValueError(f"unknown hash_type {hash_type!r}")
-    minion_id = opts.get("hash_id")
-    if not isinstance(minion_id, str) or not minion_id:
-        minion_id = opts.get("id") or socket.gethostname()
-    return "minion-" + hasher(str(minion_id).encode()).hexdigest()[:10]
+    minion_id = _bus_id(opts)
+    key = minion_id.encode() if isinstance(minion_id, str) else bytes(minion_id)
+    return "minion-" + hasher(key).hexdigest()[:10]
 
 
 def _private_sock_dir() -> str:
@@ -1319,7 +1328,7 @@ class SaltEvent:
     """Listen to and fire events on one bus, with ``salt.utils.event.SaltEvent``'s API.
 
     *node* ``'master'`` is the master bus of *sock_dir*; any other node is the minion
-    bus of ``opts['id']`` there.  With *listen* the object registers as a listener
+    bus of ``opts['hash_id']``, else ``opts['id']``, else ``''`` there (as in Salt 3008).  With *listen* the object registers as a listener
     before the constructor returns, so it sees every event fired after that.
 
     A SaltEvent is not thread-safe: use one per thread.  ``fire_event`` and
@@ -1986,7 +1995,10 @@ class SaltEvent:
         return ok
 
     def _forward_to_master(self, data: Mapping, tag: str, timeout: float | None) -> bool:
-        load = {"id": self.opts.get("id") or socket.gethostname(), "cmd": "_minion_event",
+        minion_id = _bus_id(self.opts)      # the id of the minion that owns this bus
+        if not isinstance(minion_id, str):
+            minion_id = bytes(minion_id).decode(errors="replace")
+        load = {"id": minion_id, "cmd": "_minion_event",
                 "pretag": None, "data": dict(data), "tag": tag}
         master_dir = self._master_sock_dir     # None: the master bus's own default
         opts = {key: self.opts[key] for key in ("max_event_size", "hash_type") if key in self.opts}
@@ -2436,8 +2448,7 @@ def _cli_opts(args: Any) -> dict:
     opts = {}
     if args.sock_dir:
         opts["sock_dir"] = args.sock_dir
-    if args.id:
-        opts["id"] = args.id
+    opts["id"] = args.id or socket.gethostname()   # salt-call's id defaults to the host's
     return opts
 
 

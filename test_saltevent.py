@@ -1498,6 +1498,43 @@ def test_minion_hash_type_is_honoured(sock_dir):
         assert hashlib.md5(b"m2").hexdigest().startswith(digest)
 
 
+def _salt_minion_hash(hash_type, minion_id):
+    """What Salt 3008 (salt.transport.base._minion_hash) names a minion bus after."""
+    key = minion_id.encode() if isinstance(minion_id, str) else minion_id
+    return getattr(hashlib, hash_type)(key).hexdigest()[:10]
+
+
+@pytest.mark.parametrize("opts, key", [
+    (None, ""),                                      # Salt's default minion opts: id ''
+    ({}, ""),
+    ({"id": "web1"}, "web1"),
+    ({"id": "web1", "hash_id": "main-proxy"}, "main-proxy"),   # hash_id wins, as in Salt
+    ({"hash_id": "main-proxy"}, "main-proxy"),
+    ({"id": "wéb"}, "wéb"),                          # UTF-8, as salt's to_bytes
+    ({"id": b"raw"}, b"raw"),
+    ({"id": "web1", "hash_type": "md5"}, "web1"),
+])
+def test_minion_bus_is_named_as_salt_names_it(sock_dir, opts, key):
+    hash_type = (opts or {}).get("hash_type", "sha256")
+    with SaltEvent("minion", sock_dir, opts=opts, listen=False) as ev:
+        assert ev.puburi == bus_path(sock_dir, "minion-" + _salt_minion_hash(hash_type, key))
+    assert _salt_minion_hash("sha256", "") == "e3b0c44298"
+
+
+@pytest.mark.parametrize("opts", [{"id": None}, {"id": 7}, {"id": "x", "hash_id": None}])
+def test_minion_id_that_salt_cannot_hash_is_a_clear_type_error(sock_dir, opts):
+    with pytest.raises(TypeError, match="minion id"):
+        SaltEvent("minion", sock_dir, opts=opts, listen=False)
+
+
+def test_fire_master_forwards_with_the_id_of_the_bus_owner(sock_dir):
+    with MasterEvent(sock_dir) as master:
+        for opts, owner in (({}, ""), ({"id": "sub", "hash_id": "main"}, "main")):
+            with SaltEvent("minion", sock_dir, opts=opts, listen=False) as minion:
+                assert minion.fire_master({}, "who")
+            assert master.get_event(wait=TIMEOUT, tag="who")["id"] == owner
+
+
 def test_two_minion_ids_are_two_buses(sock_dir):
     with MinionEvent({"sock_dir": sock_dir, "id": "a"}) as a, \
             MinionEvent({"sock_dir": sock_dir, "id": "b"}) as b, MasterEvent(sock_dir) as m:
