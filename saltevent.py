@@ -1324,6 +1324,21 @@ class _Conn:
         self.sock.close()
 
 
+def _asyncio_loop(io_loop: Any) -> Any:
+    """Return the asyncio loop of *io_loop*: an asyncio loop itself, or a Tornado
+    IOLoop's ``asyncio_loop`` (what Salt code passes); None stays None."""
+    if io_loop is None:
+        return None
+    import asyncio
+    if isinstance(io_loop, asyncio.AbstractEventLoop):
+        return io_loop
+    loop = getattr(io_loop, "asyncio_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return loop
+    raise TypeError("io_loop must be an asyncio event loop or a Tornado IOLoop running on "
+                    f"asyncio, not {type(io_loop).__module__}.{type(io_loop).__qualname__}")
+
+
 class SaltEvent:
     """Listen to and fire events on one bus, with ``salt.utils.event.SaltEvent``'s API.
 
@@ -1334,8 +1349,9 @@ class SaltEvent:
     A SaltEvent is not thread-safe: use one per thread.  ``fire_event`` and
     ``destroy`` may be called from any thread; ``destroy`` ends a blocked
     ``get_event`` or ``iter_events`` in another thread.  Do not share one across
-    ``fork()``.  With *io_loop* (an asyncio loop) the asyncio methods are available
-    too; they share this class's core (see the asyncio section).
+    ``fork()``.  With *io_loop* (an asyncio loop, or a Tornado IOLoop, whose asyncio
+    loop is used, as in Salt) the asyncio methods are available too; they share
+    this class's core (see the asyncio section).
 
     :ivar dropped: events the broker dropped because this listener fell behind.
     :ivar gaps: hand-offs after which events may have been missed.
@@ -1358,7 +1374,7 @@ class SaltEvent:
         if opts:
             self.opts.update(opts)
         self.raise_errors = raise_errors
-        self.io_loop = io_loop
+        self.io_loop = _asyncio_loop(io_loop)
         self.keep_loop = keep_loop
         self._own_loop = False
         self._waiters = {}                     # asyncio futures waiting on our sockets

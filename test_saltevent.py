@@ -2125,6 +2125,54 @@ def test_async_object_is_usable_again_after_destroy(sock_dir):
     assert run_async(main())["n"] == 2
 
 
+def _use_through(sock_dir, io_loop_of):
+    """Fire, get and handle an event on objects given ``io_loop_of(running loop)``."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        arrived, raws = asyncio.Event(), []
+
+        def handler(raw):
+            raws.append(raw)
+            arrived.set()
+        with MasterEvent(sock_dir, io_loop=io_loop_of(loop)) as ev, \
+                MasterEvent(sock_dir, io_loop=io_loop_of(loop)) as handled:
+            assert ev.io_loop is loop and handled.io_loop is loop   # as Salt's aioloop()
+            handled.set_event_handler(handler)
+            assert await ev.fire_event_async({"n": 1}, "loop/1") is True
+            data = await ev.get_event_async(wait=TIMEOUT, tag="loop/1")
+            await asyncio.wait_for(arrived.wait(), TIMEOUT)
+            return data["n"], SaltEvent.unpack(raws[0])[0]
+    assert run_async(main()) == (1, "loop/1")
+
+
+class _TornadoLikeIOLoop:
+    """What Tornado >= 5 IOLoops on asyncio expose: the loop they run on."""
+
+    def __init__(self, loop):
+        self.asyncio_loop = loop
+
+
+def test_io_loop_may_be_a_tornado_ioloop(sock_dir):
+    _use_through(sock_dir, _TornadoLikeIOLoop)
+
+
+def test_io_loop_may_be_a_real_tornado_ioloop(sock_dir):
+    try:
+        import tornado.ioloop
+    except ImportError:
+        pytest.skip("tornado is not installed here (it is in Salt's virtualenv)")
+    _use_through(sock_dir, lambda loop: tornado.ioloop.IOLoop.current())
+
+
+@pytest.mark.parametrize("io_loop, name", [
+    (object(), "builtins.object"),
+    (_TornadoLikeIOLoop("not a loop"), "_TornadoLikeIOLoop"),
+])
+def test_io_loop_of_another_kind_is_a_clear_type_error(sock_dir, io_loop, name):
+    with pytest.raises(TypeError, match=f"io_loop must be an asyncio event loop .*{name}"):
+        MasterEvent(sock_dir, io_loop=io_loop)
+
+
 def test_keep_loop_decides_whether_destroy_closes_a_loop_saltevent_made(sock_dir):
     for keep in (False, True):
         ev = MasterEvent(sock_dir, keep_loop=keep)
