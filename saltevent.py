@@ -102,6 +102,20 @@ TAGS = {
 }
 SUB_EVENT = ("state.highstate", "state.sls")
 
+#: Tags a salt-master does not fire when a minion forwards them in an ``events``
+#: list (salt.daemons.masterapi.MINION_EVENT_BLACKLIST, fnmatch patterns).
+_MINION_EVENT_BLACKLIST = (
+    "salt/job/*/publish",
+    "salt/job/*/new",
+    "salt/job/*/return",
+    "salt/key",
+    "salt/cloud/*",
+    "salt/run/*",
+    "salt/cluster/*",
+    "salt/wheel/*/new",
+    "salt/wheel/*/return",
+)
+
 DEFAULT_WAIT = 5.0                     # seconds, get_event()
 DEFAULT_MAX_EVENT_SIZE = 1 << 20       # bytes of encoded data before trimming (Salt's default)
 DEFAULT_BACKLOG_BYTES = 32 << 20       # bytes queued in the broker for one listener
@@ -1986,6 +2000,9 @@ class SaltEvent:
     def fire_event(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire *data* under *tag* on this bus.
 
+        On a minion bus, an event whose tag starts with ``fire_master`` is then
+        forwarded to the master bus, as salt-minion does (see fire_master()).
+
         :param timeout: milliseconds to wait for the bus (Salt's unit); None waits.
         :returns: True once the bus has the event, False if it could not be reached.
         :raises ValueError: empty tag, data not a mapping, or an event too large.
@@ -1993,34 +2010,78 @@ class SaltEvent:
         """
         frame = self._frame(data, tag)
         self._reopen()
-        return self._send(frame, None if timeout is None else timeout / 1000.0)
+        ok = self._send(frame, None if timeout is None else timeout / 1000.0)
+        if ok and self.node != "master" and tag.startswith("fire_master"):
+            ok = self._forward_to_master(data, timeout)
+        return ok
 
     def fire_master(self, data: Mapping, tag: str, timeout: float | None = 1000) -> bool:
         """Fire an event for the master: tag ``fire_master`` here, forwarded from a minion bus.
 
-        On a minion bus the event also reaches the master bus (``opts['master_sock_dir']``,
-        else the sock_dir this object was given, else the master bus's default) as the
-        master sees a minion's event in Salt: under *tag*,
-        with data ``{'cmd': '_minion_event', 'id': <minion id>, 'data': data, 'tag': tag,
-        'pretag': None}``.
+        Fires ``{'tag': tag, 'data': data, 'events': None, 'pretag': None}`` under
+        ``fire_master``, as Salt does.  On a minion bus the master bus
+        (``opts['master_sock_dir']``, else the sock_dir this object was given, else
+        the master bus's default) then gets what a salt-master fires for it: under
+        *tag*, ``{'id': <minion id>, 'cmd': '_minion_event', 'pretag': None,
+        'data': data, 'tag': tag, 'ts': <unix time>, '_stamp': ...}``.
         """
         msg = {"tag": tag, "data": data, "events": None, "pretag": None}
-        ok = self.fire_event(msg, "fire_master", timeout)
-        if self.node != "master":
-            ok = self._forward_to_master(data, tag, timeout) and ok
-        return ok
+        return self.fire_event(msg, "fire_master", timeout)
 
-    def _forward_to_master(self, data: Mapping, tag: str, timeout: float | None) -> bool:
-        minion_id = _bus_id(self.opts)      # the id of the minion that owns this bus
-        if not isinstance(minion_id, str):
-            minion_id = bytes(minion_id).decode(errors="replace")
-        load = {"id": minion_id, "cmd": "_minion_event",
-                "pretag": None, "data": dict(data), "tag": tag}
-        master_dir = self._master_sock_dir     # None: the master bus's own default
+    def _master_events(self, msg: Mapping) -> list:
+        """Return the (tag, data) events a salt-master fires on its bus when this
+        minion forwards the ``fire_master`` event *msg*.
+
+        salt-minion sends ``events`` if any, else ``data`` and ``tag`` with its id;
+        the master fires the whole load under ``tag``, or each of the ``events``
+        (first under ``<pretag>/<tag>`` when there is a pretag), leaving out the
+        tags of _MINION_EVENT_BLACKLIST.
+        """
+        try:
+            data, tag, events, pretag = msg["data"], msg["tag"], msg["events"], msg["pretag"]
+        except KeyError as exc:
+            log.warning("fire_master event without %s: not forwarded to the master", exc)
+            return []
+        if not events:
+            if not tag:
+                return []
+            minion_id = _bus_id(self.opts)      # the id of the minion that owns this bus
+            if not isinstance(minion_id, str):
+                minion_id = bytes(minion_id).decode(errors="replace")
+            return [(tag, {"id": minion_id, "cmd": "_minion_event", "pretag": pretag,
+                           "data": data or {}, "tag": tag, "ts": int(time.time())})]
+        import fnmatch
+        fired = []
+        for event in events:
+            event_data = event["data"] if "data" in event else event
+            if pretag is not None:
+                fired.append((tagify(event["tag"], base=pretag), event_data))
+            if any(fnmatch.fnmatch(event["tag"], black) for black in _MINION_EVENT_BLACKLIST):
+                log.warning("Filtering blacklisted event tag %s", event["tag"])
+                continue
+            fired.append((event["tag"], event_data))
+        return fired
+
+    def _master_bus(self, io_loop: Any = None) -> SaltEvent:
+        """Return a firing object for the master bus that this minion bus forwards to."""
         opts = {key: self.opts[key] for key in ("max_event_size", "hash_type") if key in self.opts}
-        with SaltEvent("master", master_dir, opts=opts, listen=False,
-                       raise_errors=self.raise_errors) as master:
-            return master.fire_event(load, tag, timeout)
+        return SaltEvent("master", self._master_sock_dir, opts=opts, listen=False,
+                         io_loop=io_loop, raise_errors=self.raise_errors)
+
+    def _forward_to_master(self, msg: Mapping, timeout: float | None) -> bool:
+        events = self._master_events(msg)
+        if not events:
+            return True
+        with self._master_bus() as master:
+            return all([master.fire_event(data, tag, timeout) for tag, data in events])
+
+    async def _forward_to_master_async(self, msg: Mapping, timeout: float | None) -> bool:
+        events = self._master_events(msg)
+        if not events:
+            return True
+        with self._master_bus(self._loop()) as master:
+            return all([await master.fire_event_async(data, tag, timeout=timeout)
+                        for tag, data in events])
 
     def fire_ret_load(self, load: Mapping) -> None:
         """Fire Salt's error events for a failed ``state.sls``/``state.highstate`` return.
@@ -2272,9 +2333,12 @@ class SaltEvent:
         self._reopen()
         deadline = None if timeout is None else time.monotonic() + max(timeout / 1000.0, 0.0)
         try:
-            return await self._drive_async(self._send_steps(frame, 0, deadline))
+            ok = await self._drive_async(self._send_steps(frame, 0, deadline))
         except (SaltEventError, OSError) as exc:
             return self._failed("event not sent", exc)
+        if ok and self.node != "master" and tag.startswith("fire_master"):
+            ok = await self._forward_to_master_async(data, timeout)
+        return ok
 
     def _check_no_handler(self) -> None:
         if self._handler is not None:

@@ -1565,12 +1565,77 @@ def test_fire_master_from_minion_reaches_master_bus(sock_dir):
         local = minion.get_event(wait=TIMEOUT, tag="fire_master", full=True)
     assert got["tag"] == "my/custom/tag"
     load = got["data"]
-    assert load["cmd"] == "_minion_event" and load["id"] == "minion-7"
-    assert load["data"] == data and load["tag"] == "my/custom/tag" and load["pretag"] is None
+    stamp, ts = load.pop("_stamp"), load.pop("ts")           # as a salt-master fires it
+    assert load == {"id": "minion-7", "cmd": "_minion_event", "pretag": None, "data": data,
+                    "tag": "my/custom/tag"}
+    assert list(load) == ["id", "cmd", "pretag", "data", "tag"]
+    assert type(ts) is int and abs(ts - time.time()) < 60
+    assert datetime.datetime.fromisoformat(stamp).tzinfo == datetime.timezone.utc
     assert local["tag"] == "fire_master"
     assert set(local["data"]) == {"tag", "data", "events", "pretag", "_stamp"}
     assert local["data"]["tag"] == "my/custom/tag" and local["data"]["data"] == data
     assert local["data"]["events"] is None and local["data"]["pretag"] is None
+
+
+def _forwarded(sock_dir, fire, n):
+    """Return the first *n* events on the master bus after ``fire(minion)``, then a sentinel."""
+    with MasterEvent(sock_dir) as master, \
+            MinionEvent({"sock_dir": sock_dir, "id": "m1"}, listen=False) as minion:
+        assert fire(minion) is True
+        assert master.fire_event({}, "sentinel")
+        events = drain(master, n + 1, until="sentinel")
+    for event in events:
+        event["data"].pop("_stamp")
+        event["data"].pop("ts", None)
+    return [(e["tag"], e["data"]) for e in events]
+
+
+def test_fire_master_forwards_empty_data_and_blacklisted_tags_as_salt_does(sock_dir):
+    assert _forwarded(sock_dir, lambda m: m.fire_master({}, "no/data"), 1) == [
+        ("no/data", {"id": "m1", "cmd": "_minion_event", "pretag": None, "data": {},
+                     "tag": "no/data"})]
+    # Salt's master checks MINION_EVENT_BLACKLIST for an events list only, not for one event
+    [(tag, load)] = _forwarded(sock_dir, lambda m: m.fire_master({"a": 1}, "salt/job/1/new"), 1)
+    assert tag == "salt/job/1/new" and load["data"] == {"a": 1}
+
+
+def test_fire_master_event_fired_directly_is_forwarded_as_salt_minion_does(sock_dir):
+    msg = {"data": {"k": 1}, "tag": "direct", "events": None, "pretag": None}   # salt.modules.event
+    assert _forwarded(sock_dir, lambda m: m.fire_event(msg, "fire_master"), 1) == [
+        ("direct", {"id": "m1", "cmd": "_minion_event", "pretag": None, "data": {"k": 1},
+                    "tag": "direct"})]
+
+
+def test_forwarded_events_list_gets_pretag_and_blacklist_as_in_salt(sock_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    msg = {"data": None, "tag": None, "pretag": "syndic/m1", "events": [
+        {"tag": "salt/job/1/new", "data": {"a": 1}},
+        {"tag": "my/ok", "data": {"b": 2}},
+        {"tag": "bare", "x": 1},
+        {"tag": "salt/key", "data": {}},
+    ]}
+    assert _forwarded(sock_dir, lambda m: m.fire_event(msg, "fire_master"), 7) == [
+        ("syndic/m1/salt/job/1/new", {"a": 1}),
+        ("syndic/m1/my/ok", {"b": 2}),
+        ("my/ok", {"b": 2}),
+        ("syndic/m1/bare", {"tag": "bare", "x": 1}),
+        ("bare", {"tag": "bare", "x": 1}),
+        ("syndic/m1/salt/key", {}),
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "Filtering blacklisted event tag salt/job/1/new", "Filtering blacklisted event tag salt/key"]
+
+
+def test_async_fire_of_a_fire_master_event_is_forwarded(sock_dir):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, io_loop=loop) as master, \
+                MinionEvent({"sock_dir": sock_dir, "id": "m1"}, io_loop=loop) as minion:
+            msg = {"data": {"k": 2}, "tag": "async/fwd", "events": None, "pretag": None}
+            assert await minion.fire_event_async(msg, "fire_master") is True
+            return await master.get_event_async(wait=TIMEOUT, tag="async/fwd")
+    load = run_async(main())
+    assert load["id"] == "m1" and load["data"] == {"k": 2} and load["cmd"] == "_minion_event"
 
 
 def test_fire_master_honours_master_sock_dir(sock_dir):
