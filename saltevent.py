@@ -1357,8 +1357,9 @@ class SaltEvent:
     """Listen to and fire events on one bus, with ``salt.utils.event.SaltEvent``'s API.
 
     *node* ``'master'`` is the master bus of *sock_dir*; any other node is the minion
-    bus of ``opts['hash_id']``, else ``opts['id']``, else ``''`` there (as in Salt 3008).  With *listen* the object registers as a listener
-    before the constructor returns, so it sees every event fired after that.
+    bus of ``opts['hash_id']``, else ``opts['id']``, else ``''`` there (as in Salt).
+    With *listen* the object registers as a listener before the constructor returns,
+    so it sees every event fired after that.
 
     A SaltEvent is not thread-safe: use one per thread.  ``fire_event`` and
     ``destroy`` may be called from any thread; ``destroy`` ends a blocked
@@ -1380,9 +1381,9 @@ class SaltEvent:
         self._closed = True                    # until the bus is attached below
         self._generation = 0                   # destroy() calls so far: ends waits begun before
         self._lock = threading.Lock()          # guards the firing connection
-        self._state_lock = threading.Lock()    # guards _closed, _attached, _generation,
-        self._waiting = 0                      # ... the waits in progress (any thread)
-        self._retired = []                     # ... and the listening conns they must close
+        self._state_lock = threading.Lock()    # guards _closed, _attached and the 3 below
+        self._waiting = 0                      # waits in progress, in any thread
+        self._retired = []                     # listening conns destroy() left them to close
         self.node = node
         self.opts = dict(_DEFAULT_OPTS)
         if opts:
@@ -2004,7 +2005,8 @@ class SaltEvent:
         forwarded to the master bus, as salt-minion does (see fire_master()).
 
         :param timeout: milliseconds to wait for the bus (Salt's unit); None waits.
-        :returns: True once the bus has the event, False if it could not be reached.
+        :returns: True once the bus (and the master bus, when forwarding) has the
+            event, False if it could not be reached.
         :raises ValueError: empty tag, data not a mapping, or an event too large.
         :raises TypeError: a value JSON cannot carry (the message names its key).
         """

@@ -1623,7 +1623,9 @@ def test_forwarded_events_list_gets_pretag_and_blacklist_as_in_salt(sock_dir, ca
         ("syndic/m1/salt/key", {}),
     ]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        "Filtering blacklisted event tag salt/job/1/new", "Filtering blacklisted event tag salt/key"]
+        "Filtering blacklisted event tag salt/job/1/new",
+        "Filtering blacklisted event tag salt/key",
+    ]
 
 
 def test_async_fire_of_a_fire_master_event_is_forwarded(sock_dir):
