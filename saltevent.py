@@ -492,22 +492,39 @@ def _stamp() -> str:
     return f"{cached[1]}.{micros:06d}+00:00" if micros else f"{cached[1]}+00:00"
 
 
-def _trim(data: dict, max_size: int) -> list:
-    """Trim *data* in place the way Salt does; return the trimmed keys.
+_BYTES_OVERHEAD = 33                   # sys.getsizeof(b"") on 64-bit CPython: Salt's yardstick
 
-    While the encoded dict is over *max_size* bytes, replace each top-level value
-    larger than 50%, 40%, ... 10% of *max_size* by ``'VALUE_TRIMMED'``.
+
+def _too_big(body: bytes, max_size: int) -> bool:
+    """True when an encoded event is over *max_size* as Salt measures it
+    (``sys.getsizeof`` of the encoded bytes, our JSON standing in for its msgpack)."""
+    return len(body) + _BYTES_OVERHEAD > max_size
+
+
+def _trim(data: dict, max_size: int) -> list:
+    """Trim *data* in place the way Salt's ``trim_dict`` does; return what was trimmed.
+
+    Passes at 50%, 40%, ... 10% of *max_size*: a value whose ``sys.getsizeof`` is
+    over that becomes ``'VALUE_TRIMMED'``, except dicts, which are trimmed the same
+    way inside (copies: the caller's nested dicts are never changed).  It stops once
+    the encoded event fits.
     """
     trimmed = []
+
+    def trim(mapping: dict, limit: float, path: str) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                mapping[key] = value = dict(value)
+                trim(value, limit, f"{path}{key}.")
+            elif value != "VALUE_TRIMMED" and sys.getsizeof(value) > limit:
+                mapping[key] = "VALUE_TRIMMED"
+                trimmed.append(f"{path}{key}")
+
     percent = 50
     while percent > 0:
-        limit = max_size * percent / 100
-        for key, value in data.items():
-            if value != "VALUE_TRIMMED" and len(_encode_body(value)) > limit:
-                data[key] = "VALUE_TRIMMED"
-                trimmed.append(key)
+        trim(data, max_size * percent / 100, "")
         percent -= 10
-        if len(_encode_body(data)) < max_size:
+        if not _too_big(_encode_body(data), max_size - 1):
             break
     return trimmed
 
@@ -2810,8 +2827,8 @@ class _Listening(_EventBase):
 
     def _full(self, tag: str, data: dict, seq: int | None) -> dict:
         if self._seq_keys:
-            return {"tag": tag, "data": data, "seq": seq, "epoch": self.epoch}
-        return {"tag": tag, "data": data}
+            return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
+        return {"data": data, "tag": tag}       # Salt's key order
 
     def _decoded(self, tag: str, body: Any, seq: int) -> dict | None:
         try:
@@ -3155,7 +3172,7 @@ class _Firing(_EventBase):
         """Return the wire frame of one event; with *max_size*, trim *data* as Salt does."""
         raw_tag = _encode_tag(tag)
         body = _encode_body(data)
-        if max_size and isinstance(data, dict) and len(body) > max_size:
+        if max_size and isinstance(data, dict) and _too_big(body, max_size):
             data = dict(data)
             _trim(data, max_size)
             body = _encode_body(data)
@@ -3194,7 +3211,7 @@ class _Firing(_EventBase):
         data["_stamp"] = _stamp()
         body = _encode_body(data)
         limit = self._max_event_size
-        if limit and len(body) > limit:
+        if limit and _too_big(body, limit):
             trimmed = _trim(data, limit)
             log.warning("event %s is over max_event_size (%d bytes): trimmed %s",
                         tag, limit, ", ".join(map(str, trimmed)) or "nothing")
@@ -3618,7 +3635,8 @@ class _AsyncFace(_EventBase):
                                timeout: float | None = 1000) -> bool:
         """Fire like fire_event(), without blocking the loop; safe from many tasks at once.
 
-        *cb* is accepted for compatibility and not called, as in Salt.
+        As Salt 3008 does, a *cb* (deprecated there) is called with None once the event
+        is sent, with a DeprecationWarning.
         """
         frame = self._frame(data, tag)
         self._open()
@@ -3635,6 +3653,10 @@ class _AsyncFace(_EventBase):
             return self._failed("event not sent", exc)
         if ok and self.node != "master" and tag.startswith("fire_master"):
             ok = await self._forward_to_master_async(data, timeout)
+        if ok and cb is not None:
+            warnings.warn("The cb argument to fire_event_async will be removed in 3009",
+                          DeprecationWarning, stacklevel=2)
+            cb(None)
         return ok
 
     def _check_no_handler(self) -> None:
@@ -3744,7 +3766,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._read_listener_opts()
         given_dir = sock_dir or self.opts.get("sock_dir")
         self._master_sock_dir = self.opts.get("master_sock_dir") or given_dir
-        self.sock_dir = _resolve_sock_dir(given_dir, node)
+        self.sock_dir = self.opts["sock_dir"] = _resolve_sock_dir(given_dir, node)
         self._bus = _Bus(self.sock_dir, _bus_name(node, self.opts))
         self.puburi = self.pulluri = self._bus.path
         limit = _sun_path_max()
@@ -3830,6 +3852,16 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
     def cpush(self) -> bool:
         """True while the firing side is connected."""
         return self._pull_slot.conn is not None
+
+    @property
+    def subscriber(self) -> Any:
+        """The listening connection, or None (Salt's attribute, for ``if ev.subscriber:``)."""
+        return self._pub_slot.conn
+
+    @property
+    def pusher(self) -> Any:
+        """The firing connection, or None (Salt's attribute)."""
+        return self._pull_slot.conn
 
     @property
     def closed(self) -> bool:
@@ -3963,7 +3995,7 @@ def fire_args(opts: Mapping, jid: str, tag_data: Mapping, prefix: str = "") -> N
     try:
         with get_master_event(opts, opts.get("sock_dir"), listen=False) as event:
             event.fire_event(tag_data, tag)
-    except (SaltEventError, OSError, ValueError, TypeError) as exc:
+    except Exception as exc:            # never raises, as Salt's
         log.warning("Failed to fire args event %s with data %s: %s", tag, tag_data, exc)
 
 

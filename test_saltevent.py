@@ -680,10 +680,23 @@ def test_pack_trims_over_max_size_without_touching_callers_dict():
     original = json.loads(json.dumps(data))
     tag, got = SaltEvent.unpack(SaltEvent.pack("t", data, max_size=1000))
     assert tag == "t"
-    assert got["big"] == "VALUE_TRIMMED" and got["nested"] == "VALUE_TRIMMED"
+    assert got["big"] == "VALUE_TRIMMED" and got["nested"] == {"also_big": "VALUE_TRIMMED"}
     assert got["small"] == "ok" and got["num"] == 7
     assert data == original
     assert SaltEvent.unpack(SaltEvent.pack("t", data))[1] == original   # no max_size: no trim
+
+
+@pytest.mark.parametrize("data, max_size, expected", [
+    # What Salt 3008.4's trim_dict makes of these (measured with sys.getsizeof).
+    ({"l": ["x" * 300] * 20}, 4000, {"l": ["x" * 300] * 20}),     # a list is 216 "bytes"
+    ({"d": {"a": "x" * 3000, "b": "keep"}}, 2000, {"d": {"a": "VALUE_TRIMMED", "b": "keep"}}),
+    ({"d": {"e": {"f": "x" * 1200}}, "l": [{"a": "x" * 1200}]}, 1000,
+     {"d": {"e": {"f": "VALUE_TRIMMED"}}, "l": [{"a": "x" * 1200}]}),
+])
+def test_trimming_measures_values_as_salt_does(data, max_size, expected):
+    original = json.loads(json.dumps(data))
+    assert SaltEvent.unpack(SaltEvent.pack("t", data, max_size=max_size))[1] == expected
+    assert data == original                     # nested dicts are trimmed in copies
 
 
 def test_pack_leaves_small_events_alone():
@@ -1633,6 +1646,29 @@ def test_destroy_ends_a_get_event_in_another_thread_even_if_reused_at_once(sock_
             join(thread)
             ev.destroy()
     assert result == [None]
+
+
+def test_salts_attributes_and_shapes(sock_dir):
+    """What Salt 3008 code looks at: opts['sock_dir'], subscriber/pusher, full-event key order."""
+    with MasterEvent(sock_dir) as ev:
+        assert ev.opts["sock_dir"] == sock_dir
+        assert ev.subscriber and ev.pusher is None
+        assert ev.fire_event({"a": 1}, "shape/x") and ev.pusher
+        assert list(ev.get_event(wait=TIMEOUT, tag="shape/", full=True)) == ["data", "tag"]
+        assert ev.fire_event({}, "shape/y")
+        assert list(ev.get_event_block()) == ["data", "tag"]
+    assert ev.subscriber is None and ev.pusher is None
+
+
+def test_fire_event_async_calls_cb_with_none_as_salt_3008(sock_dir):
+    calls = []
+
+    async def main():
+        with MasterEvent(sock_dir, io_loop=asyncio.get_running_loop(), listen=False) as ev:
+            with pytest.warns(DeprecationWarning, match="cb argument"):
+                return await ev.fire_event_async({}, "cb/x", cb=calls.append)
+
+    assert asyncio.run(main()) is True and calls == [None]
 
 
 def test_unclosed_object_warns_and_closes(sock_dir):
