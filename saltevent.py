@@ -146,6 +146,8 @@ SALTEVENT_OPTS = {
     "saltevent_ring_bytes": DEFAULT_RING_BYTES,        # process that becomes the broker
     "saltevent_max_clients": DEFAULT_MAX_CLIENTS,
     "saltevent_broker_backlog_bytes": DEFAULT_BACKLOG_BYTES,
+    "saltevent_broker": "thread",        # or "process": a broker of its own (see README)
+    "saltevent_idle_exit": None,         # seconds a broker with no clients lives on
 }
 
 _CONNECT_TIMEOUT = 5.0                 # seconds, a constructor's connect_pub()
@@ -168,6 +170,7 @@ _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
 _MAX_TAG_FILTERS = 256                 # tag filters one listener may declare
 _TOTAL_BACKLOG_FACTOR = 4              # all listeners' queues: this many backlogs at most
 _STATS_LISTENERS = 100                 # listeners detailed in one stats reply, at most
+_SPAWNED_IDLE_EXIT = 5.0               # seconds a spawned broker process outlives its clients
 
 _SOCK_PREFIX = "saltevent-"
 _SOCK_SUFFIX = ".sock"
@@ -1942,6 +1945,9 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._next_check = time.monotonic() + _PATH_CHECK_INTERVAL
         self._warned: dict = {}                # warning key -> monotonic time of the last
         self._ousted = False                   # another broker owns the bus's paths now
+        idle_exit = settings.get("saltevent_idle_exit")
+        self._idle_exit = float(idle_exit) if idle_exit else None
+        self._idle_since = time.monotonic()
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self._drops = 0
         self._ring = _Ring(_non_negative_int(settings, "saltevent_ring_events"),
@@ -2133,6 +2139,12 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             self._drop(peer, f"left a frame unfinished for {_FRAME_STALL:g} s")
         if self._ring.grace_until and now >= self._ring.grace_until:
             self._ring.end_grace(self._release)
+        if self._peers:
+            self._idle_since = now
+        elif self._idle_exit is not None and now - self._idle_since >= self._idle_exit:
+            log.info("broker of %s has had no clients for %g s; stopping", self.bus.path,
+                     self._idle_exit)
+            self._stopping.set()
         self._check_paths()
 
     # -- connections (broker thread)
@@ -2323,8 +2335,40 @@ def _settle_orphans() -> list:
     return idle
 
 
+_spawned: dict = {}                    # bus path -> the broker process we started
+
+
+def _spawn_broker(bus: _Bus, idle_exit: float | None) -> bool:
+    """Start a broker process of its own for *bus* (``saltevent_broker: 'process'``), so
+    that it never shares this process's GIL; False: the caller waits for it to listen.
+    A spawned broker stops once it has had no clients for *idle_exit* seconds
+    (``_SPAWNED_IDLE_EXIT`` when None)."""
+    with _registry_lock:
+        proc = _spawned.get(bus.path)
+        if proc is not None and proc.poll() is None:
+            return False                       # still starting, or serving elsewhere
+        import subprocess
+        argv = [sys.executable, os.path.abspath(__file__), "bus", "--sock-dir",
+                os.path.dirname(bus.path), "--bus-name", bus.name, "--idle-exit",
+                str(float(idle_exit or _SPAWNED_IDLE_EXIT))]
+        try:
+            _spawned[bus.path] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        except OSError as exc:
+            log.warning("cannot start a broker process for %s (%s); running it on a thread",
+                        bus.path, exc)
+            return None
+        log.debug("started broker process %d for %s", _spawned[bus.path].pid, bus.path)
+        return False
+
+
 def _start_broker(bus: _Bus, opts: Mapping | None = None) -> bool:
     """Run *bus*'s broker in this process if no process does; True if one runs here now."""
+    if opts and opts.get("saltevent_broker") == "process" and sys.executable:
+        spawned = _spawn_broker(bus, opts.get("saltevent_idle_exit"))
+        if spawned is not None:
+            return spawned
     with _registry_lock:
         idle = _settle_orphans()
         broker = _brokers.get(bus.path)
@@ -4119,6 +4163,9 @@ def _build_parser() -> Any:
                      default=DEFAULT_BACKLOG_BYTES,
                      help="the most a listener may fall behind before its oldest events are "
                           f"dropped (default {DEFAULT_BACKLOG_BYTES})")
+    sub.add_argument("--idle-exit", type=float, metavar="SECONDS",
+                     help="stop (handing off) after SECONDS without clients")
+    sub.add_argument("--bus-name", help=argparse.SUPPRESS)    # what a spawned broker serves
     sub = command("stats", "print the running broker's figures")
     sub.add_argument("--json", action="store_true", help="one JSON object, for machines")
     return parser
@@ -4280,6 +4327,10 @@ def _raise_fd_limit(wanted: int) -> None:
 def _cmd_bus(args: Any, node: str) -> int:
     import signal
     bus = _cli_bus(args, node)
+    if args.bus_name:
+        if not all(c.isalnum() or c == "-" for c in args.bus_name):
+            raise _UsageError(f"bad --bus-name {args.bus_name!r}")
+        bus = _Bus(os.path.dirname(bus.path), args.bus_name)
     _ensure_sock_dir(os.path.dirname(bus.path))
     _raise_fd_limit(args.max_clients + 64)
     elected = _elect(bus)
@@ -4287,7 +4338,8 @@ def _cmd_bus(args: Any, node: str) -> int:
         raise SaltEventError(f"a broker already runs for {bus.path}")
     opts = {"saltevent_ring_events": args.ring_events, "saltevent_ring_bytes": args.ring_bytes,
             "saltevent_max_clients": args.max_clients,
-            "saltevent_broker_backlog_bytes": args.backlog_bytes}
+            "saltevent_broker_backlog_bytes": args.backlog_bytes,
+            "saltevent_idle_exit": args.idle_exit}
     try:
         broker = Broker(bus, elected, opts)
     except BaseException:

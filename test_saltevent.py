@@ -293,6 +293,14 @@ def handle(cmd):
         if not cmd.get("starts"):
             res.pop("starts")
         return res
+    if op == "hog":                 # hold the GIL in C (sum over a range) for about that long
+        n = 1 << 20
+        t0 = time.perf_counter()
+        sum(range(n))
+        per = (time.perf_counter() - t0) / n
+        t0 = time.monotonic()
+        sum(range(int(cmd["seconds"] / per)))
+        return {"held": time.monotonic() - t0}
     if op == "barrier":
         say({"waiting": True})
         os.read(cmd["fd"], 1)   # returns b"" when the test closes the write end
@@ -2201,6 +2209,58 @@ def test_threads_firing_big_events_on_one_object_never_interleave(listener, fire
     assert len(got) == n * threads and all(e["data"]["blob"] == blob for e in got)
     for k in range(threads):
         assert [e["data"]["i"] for e in got if e["data"]["k"] == k] == list(range(n))
+
+
+def test_while_the_brokers_host_holds_the_gil_timeouts_elsewhere_hold(sock_dir, spawn):
+    host = spawn()
+    assert host.call(op="open", name="h", sock_dir=sock_dir, listen=False,
+                     pull=True)["broker_here"]
+    with MasterEvent(sock_dir) as listener:
+        host.send(op="hog", seconds=3.0)
+        time.sleep(0.2)                          # let the hog start
+        with MasterEvent(sock_dir, listen=False) as firer:
+            t0 = time.monotonic()
+            assert firer.fire_event({}, "gil/x", timeout=300) is False
+            fire_took = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert listener.get_event(wait=0.3, tag="gil/") is None
+        wait_took = time.monotonic() - t0
+        assert host.recv(timeout=15)["held"] >= 2.0
+    assert 0.3 <= fire_took < 1.5 and 0.3 <= wait_took < 1.5
+
+
+def test_a_broker_process_of_its_own_serves_while_a_host_holds_the_gil(sock_dir, spawn):
+    """opts saltevent_broker='process': the broker never shares a busy host's GIL."""
+    host = spawn()
+    host.call(op="open", name="h", sock_dir=sock_dir,
+              opts={"saltevent_broker": "process", "saltevent_idle_exit": 0.5})
+    broker_pid = broker_stats(bus_path(sock_dir))["pid"]
+    assert broker_pid not in (host.pid, os.getpid())
+    try:
+        with MasterEvent(sock_dir) as listener:
+            host.send(op="hog", seconds=2.0)
+            time.sleep(0.2)
+            with MasterEvent(sock_dir, listen=False) as firer:
+                t0 = time.monotonic()
+                assert firer.fire_event({"n": 1}, "own/x", timeout=1000)
+                assert listener.get_event(wait=TIMEOUT, tag="own/")["n"] == 1
+                assert time.monotonic() - t0 < 1.0
+            assert host.recv(timeout=15)["held"] >= 1.5
+            host.call(op="close", name="h")
+        wait_until(lambda: not running(broker_pid), timeout=15,
+                   what="the idle broker process to stop")
+    finally:
+        if running(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)
+
+
+def running(pid):
+    """True while *pid* runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # -- asyncio ------------------------------------------------------------------
