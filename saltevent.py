@@ -1139,6 +1139,9 @@ def _sub_block(payload: Any, items: list) -> _Block:
     return _Block((buf,), len(buf), len(items), items[0][0], items[-1][0])
 
 
+_NO_OUTPUT = ()                        # an idle peer's queue: no deque held for it
+
+
 class _Peer:
     """One connection as the broker sees it.  Used on the broker thread only."""
 
@@ -1155,7 +1158,8 @@ class _Peer:
         self.listener = False
         self.filters = None          # [(prefix, glob)] a filtered listener declared
         self.lid = None              # the id a listener resumes under
-        self.out = collections.deque()   # _Blocks to send; the head may be partly sent
+        self.out = _NO_OUTPUT        # _Blocks to send (a deque while there are any); the
+                                     # head may be partly sent
         self.out_bytes = 0           # bytes of event blocks queued
         self.head_off = 0            # bytes of out[0] already sent
         self.backlog = DEFAULT_BACKLOG_BYTES
@@ -1538,6 +1542,8 @@ class _Outbox:
 
     def _enqueue(self, peer: _Peer, blk: _Block) -> None:
         """Queue event block *blk* for *peer*, dropping its oldest past its backlog."""
+        if peer.out is _NO_OUTPUT:
+            peer.out = collections.deque()
         peer.out.append(blk)
         if not blk.refs:
             self._ev_held += blk.size
@@ -1554,6 +1560,8 @@ class _Outbox:
             self._ev_held -= blk.size
 
     def _queue_control(self, peer: _Peer, blk: _Block) -> None:
+        if peer.out is _NO_OUTPUT:
+            peer.out = collections.deque()
         peer.out.append(blk)
         peer.ctl_bytes += blk.size
         self._ctl_held += blk.size
@@ -1588,6 +1596,8 @@ class _Outbox:
         """Put (or grow) the ``drop`` notice where *peer*'s lost events were."""
         peer.dropped += lost
         self._drops += lost
+        if peer.out is _NO_OUTPUT:
+            peer.out = collections.deque()
         out = peer.out
         at = len(out) if at is None else at
         notice = peer.notice
@@ -1684,6 +1694,8 @@ class _Outbox:
                         peer.notice = None
                     elif blk is peer.stats_pending:
                         peer.stats_pending = None
+        if not out:
+            peer.out = _NO_OUTPUT          # an idle peer holds no queue
         self._watch(peer)
 
     def _watch(self, peer: _Peer) -> None:
@@ -2228,7 +2240,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 self._release(blk)
             else:
                 self._ctl_held -= blk.size
-        peer.out.clear()
+        peer.out = _NO_OUTPUT
         self._in_held -= peer.reader.held
         peer.reader.buf = None
         peer.reader.head = b""

@@ -2888,7 +2888,7 @@ def test_the_in_band_gap_notice_passes_any_tag_filter(sock_dir):
     opts = {"saltevent_backlog_bytes": 32 << 10, "saltevent_gap_events": True,
             "saltevent_tags": ["want/"]}
     with MasterEvent(sock_dir, opts=opts) as ev, MasterEvent(sock_dir, listen=False) as firer:
-        for i in range(400):
+        for i in range(2000):                    # well past the socket buffer and backlog
             assert firer.fire_event({"i": i, "pad": "p" * 500}, "want/x")
         assert firer.fire_event({}, "other/x")
         first = ev.get_event(wait=TIMEOUT, tag="nothing-matches-this", full=True)
