@@ -2777,8 +2777,6 @@ class _Listening(_EventBase):
                     self._replay = None
                     self._resume_from = None
                     self.epoch = conn.epoch
-                    if self.last_seq is None:
-                        self.last_seq = ok.get("seq")
                     return conn
             except (BrokenPipeError, ConnectionResetError):
                 pass
