@@ -621,6 +621,23 @@ def bus_firer(impl, bus_listener):
         yield ev
 
 
+@contextlib.contextmanager
+def deadline_for_wait_0(impl, tag, timeout=4 * TIMEOUT):
+    """Bound a ``get_event(wait=0)`` (wait for ever) on impl's master bus: unless the
+    block ends first, fire ``{"deadline": True}`` at *tag* after *timeout* seconds, so a
+    lost event fails the test instead of hanging it."""
+    def fire():
+        with impl.MasterEvent(impl.sock_dir, listen=False) as ev:
+            ev.fire_event({"deadline": True}, tag)
+    timer = threading.Timer(timeout, fire)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        join(timer)
+
+
 # -- Constants ----------------------------------------------------------------
 
 
@@ -1573,12 +1590,13 @@ def test_get_event_wait_is_a_hard_deadline_on_a_busy_bus(sock_dir, spawn):
     assert 0.3 <= dt <= 0.3 + 2.0
 
 
-def test_get_event_wait_zero_waits_until_an_event_arrives(bus_listener, bus_firer):
+def test_get_event_wait_zero_waits_until_an_event_arrives(impl, bus_listener, bus_firer):
     timer = threading.Timer(0.5, bus_firer.fire_event, args=({"late": True}, "late/tag"))
     t0 = time.monotonic()
     timer.start()
     try:
-        got = bus_listener.get_event(wait=0, tag="late/")
+        with deadline_for_wait_0(impl, "late/deadline"):
+            got = bus_listener.get_event(wait=0, tag="late/")
     finally:
         timer.cancel()
         join(timer)
@@ -2607,7 +2625,8 @@ def test_event_single_no_block(impl):
         assert evt1 is None
         assert time.monotonic() - start < TIMEOUT
         me.fire_event({"data": "foo1"}, "evt1")
-        evt1 = me.get_event(wait=0, tag="evt1")
+        with deadline_for_wait_0(impl, "evt1"):
+            evt1 = me.get_event(wait=0, tag="evt1")
         _assert_got_event(evt1, {"data": "foo1"})
 
 
@@ -2615,7 +2634,8 @@ def test_event_single_wait_0_no_block_False(impl):
     with impl.MasterEvent(impl.master_bus(), listen=True) as me:
         me.fire_event({"data": "foo1"}, "evt1")
         # This is too fast and will be None but assures we're not blocking
-        evt1 = me.get_event(wait=0, tag="evt1", no_block=False)
+        with deadline_for_wait_0(impl, "evt1"):
+            evt1 = me.get_event(wait=0, tag="evt1", no_block=False)
         _assert_got_event(evt1, {"data": "foo1"})
 
 
@@ -2639,7 +2659,8 @@ def test_event_no_timeout(impl):
              f"    assert me.fire_event({{'data': 'foo2'}}, 'evt2')\n"],
             env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            evt = me.get_event(tag="evt2", wait=0, no_block=False)
+            with deadline_for_wait_0(impl, "evt2"):
+                evt = me.get_event(tag="evt2", wait=0, no_block=False)
         finally:
             rc, _, err = reap(proc)
         assert rc == 0, err
