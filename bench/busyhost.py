@@ -566,17 +566,24 @@ def conclusion(results: list) -> str:
                  f" blocked up to {a['max_call_ms']:,.0f} ms; a longer hog (try --hog 4) turns that into"
                  f" False after the 1000 ms timeout. ")
     else:
-        text += "Paced fires returned True at once: the kernel's socket buffer held them. "
+        text += (f"Paced fires returned True, none slower than {a['max_call_ms']:,.0f} ms: the kernel's"
+                 f" socket buffer held the events. ")
     text += (f"A firer created during the hog got {fresh(a)}. With the broker in a process of its own, the"
              f" longest stall was {b['stall_ms']:,.0f} ms (saltevent_broker='process') and"
              f" {c['stall_ms']:,.0f} ms (`saltevent bus`) with events 5 ms apart, p99 latency"
              f" {b['lat_hog_p99_ms']:.2f} and {c['lat_hog_p99_ms']:.2f} ms, and the fresh firer got"
              f" {fresh(b)} and {fresh(c)}. ")
-    if max(b["stall_ms"], c["stall_ms"]) > 20:
-        load = os.getloadavg()[0]
-        text += (f"(What stall remains there is CPU scheduling, not the GIL: that broker shares no GIL with"
-                 f" the busy process, whose hog keeps one of the {os.cpu_count()} CPUs busy, here at a load"
-                 f" average of {load:.1f}.) ")
+    for r, name in ((b, "process"), (c, "bus")):
+        if r["stall_ms"] <= 20:
+            continue
+        if r["firer_gap_in_stall_ms"] >= r["stall_ms"] / 2:
+            text += (f"({name}: the firer itself paused {r['firer_gap_in_stall_ms']:,.0f} ms during that"
+                     f" stall, CPU scheduling with one of the {os.cpu_count()} CPUs taken by the hog and a load"
+                     f" average of {os.getloadavg()[0]:.1f}, not the bus.) ")
+        else:
+            text += (f"({name}: the firer did not pause during that stall (its largest gap"
+                     f" {r['firer_gap_in_stall_ms']:,.0f} ms): the broker or the listener did; not explained"
+                     f" here.) ")
     if max(b["stall_ms"], c["stall_ms"]) < a["stall_ms"] / 5:
         text += ("So when the process that opens a bus first may make long calls that hold the GIL (C"
                  " extensions, or builtins such as sum, sorted or json on large data), do not leave the broker"
