@@ -4,7 +4,7 @@
 Run from the repository root::
 
     python bench/bench.py              # full suite, 3 repetitions, medians (~3 min)
-    python bench/bench.py --quick      # smoke run of every scenario, ~25 s
+    python bench/bench.py --quick      # smoke run of every scenario, ~30 s
     python bench/bench.py --json       # machine-readable output on stdout
     python bench/bench.py --only throughput,latency --repeat 5
     python bench/bench.py --only throughput --profile listener,firer,broker
@@ -59,12 +59,37 @@ Scenarios (S = saltevent, B = baseline relay):
    are connected (and, in the notes, after the run, queued events included).  The
    broker/relay and the holders raise their soft RLIMIT_NOFILE to the hard limit;
    a hard limit under 1,064 scales the count down, and the output says so.
+12. ``catchup``    a listener that starts 1 s into a burst with a replay of the last N
+   events gets every event exactly once, and how long it takes (saltevent only: the
+   baseline has no replay, n/a).  A firer fires 12,000 ~150-byte events at a steady
+   6,000/s (2 s); 1 s in, it reports how many it has fired, and N is that plus 0.5 s
+   of events (3,000: the listener registers later, a CLI ~50-100 ms later), rounded
+   up to the next 1,000: 9,000, within the broker's default ring of 10,000 events
+   (it holds the first 1.5 s).  A listener that registered more than 0.5 s late, or
+   a ring that lost the start, shows as missing events and a first bus seq above 1
+   in the notes.  Two phases, each on a fresh bus:
+   (api) a process started before the burst (saltevent imported) constructs
+   ``MasterEvent(opts={"saltevent_replay_last": N, "saltevent_seq": True})`` and reads
+   until the end marker the firer sends after its last event; (cli) ``python -m
+   saltevent listen --last N --seq --count M`` is started 1 s in (interpreter start
+   included) and its lines are read from a pipe and stamped on arrival.  Checked:
+   events received, duplicates, missing, bus seq breaks (each seq must be the last
+   one + 1), and, for the CLI, its stderr (where it reports missed events).  Timed
+   from the listener's start (the constructor call; the Popen): "caught up", the
+   arrival of the last event fired before the constructor returned (events arrive
+   in order: every replayed one, and the few fired while it registered; API only:
+   when the CLI has registered is not seen from outside); "live", the first event
+   received within 5 ms of its fire; and the end marker.
+   Catch-up events/s: events received up to caught up (CLI: live), per second since
+   the first arrived.  Correctness counts are the worst of the runs, not the median;
+   each run's details are in the notes.
 
 A growth chart follows the table: deliveries/s against the number of listeners (1,
 8, 64: throughput, fanout, fanout64) and MiB/s against the event size (1, 64, 900
 KiB: big), bars to scale, xN against the first point.  ``--quick`` runs every
 scenario with fewer events (fanout64 1,000, fanin16 8,000, big 3,000/200/20 and 20
-paced, idle1000 10,000); its p99s of 18 paced big events are their maximum.
+paced, idle1000 10,000, catchup 9,000: a 1.5 s burst); its p99s of 18 paced big
+events are their maximum.
 
 ``--compare PATH``: PATH is a directory with another saltevent.py (a worktree of
 an older commit, say).  Each repetition runs every saltevent scenario on this
@@ -751,8 +776,237 @@ def w_idle(a: dict) -> None:
                 pass
 
 
+# -- catchup (workers) ---------------------------------------------------------
+
+CU_END = "bench/catchup/end"      # the firer's end marker, after its last event
+CU_LIVE_LAG_MS = 5.0              # "live": the first event received this soon after its fire
+
+
+def w_cu_firer(a: dict) -> None:
+    """Fire ``count`` small events paced at ``rate``/s, then the end marker.
+
+    ``mark_after`` seconds after the go it reports ``{"mark": events fired so far}``
+    (the parent then starts the catch-up listener).  Each event's ``seq`` is its
+    number here (0..count-1) and ``t`` its fire time.  Pacing: it sleeps only when
+    more than 0.2 ms ahead of the schedule (a sleep costs ~60 us), so events go out
+    in small bunches at the steady average rate.
+    """
+    f = _se_firer(a["sock_dir"])
+    count, rate = a["count"], a["rate"]
+    fire = f.fire
+    tag = _TAG
+    mono = time.monotonic_ns
+    sleep = time.sleep
+    interval = 1e9 / rate
+    _out({"ready": True, "pid": os.getpid()})
+    _wait_go()
+    fails = 0
+    behind = 0                      # the most the firer fell behind its schedule, ns
+    t_start = mono()
+    mark_at = t_start + int(a["mark_after"] * 1e9)
+    marked = False
+    for i in range(count):
+        target = t_start + int(i * interval)
+        now = mono()
+        if target - now > 200_000:
+            sleep((target - now) / 1e9)
+        elif now - target > behind:
+            behind = now - target
+        if not marked and now >= mark_at:
+            _out({"mark": i, "t": now})
+            marked = True
+        if not fire(make_small(i), tag):
+            fails += 1
+    t_end = mono()
+    end_ok = fire({"n": count, "t": t_end}, CU_END)
+    if not marked:                  # a burst shorter than mark_after: mark at its end
+        _out({"mark": count, "t": t_end})
+    _out({"result": {"t_start": t_start, "t_end": t_end, "fails": fails, "end_ok": end_ok,
+                     "behind_max_ms": behind / 1e6}})
+    _in()
+    f.close()
+
+
+class CatchupCheck:
+    """What a catch-up listener checks: every event once, bus seqs consecutive, timings.
+
+    ``feed(n, seq, t_fire, now)`` per event, ``n`` the firer's number, ``seq`` the bus's.
+    Caught up: the arrival of the last event fired before ``t_ref`` (the constructor's
+    return: every event replayed, and the few fired while it registered; events
+    arrive in order), known only when ``t_ref`` is.  Live: the first event received
+    within CU_LIVE_LAG_MS of its fire.
+    """
+
+    def __init__(self, count: int, t_ref: int | None = None):
+        self.count = count
+        self.seen = bytearray(count)
+        self.received = self.dups = self.foreign = 0
+        self.breaks = 0                 # a bus seq other than the previous one + 1
+        self.first_seq = self.prev_seq = None
+        self.t_ref = t_ref
+        self.t_first = self.t_caught = self.t_live = None
+        self.n_caught = self.n_live = None
+        self.lag_caught_ms = self.end_lag_ms = None
+        self.live_ns = int(CU_LIVE_LAG_MS * 1e6)
+
+    def feed(self, n, seq, t_fire: int, now: int) -> None:
+        if self.t_first is None:
+            self.t_first = now
+        self.received += 1
+        if isinstance(n, int) and 0 <= n < self.count:
+            if self.seen[n]:
+                self.dups += 1
+            self.seen[n] = 1
+        else:
+            self.foreign += 1
+        if self.first_seq is None:
+            self.first_seq = seq
+        elif seq != self.prev_seq + 1:
+            self.breaks += 1
+        self.prev_seq = seq
+        if self.t_ref is not None and t_fire < self.t_ref:
+            self.t_caught = now
+            self.n_caught = self.received
+            self.lag_caught_ms = (now - t_fire) / 1e6
+        if self.t_live is None and now - t_fire < self.live_ns:
+            self.t_live = now
+            self.n_live = self.received
+
+    def result(self, t0: int, t_end: int | None) -> dict:
+        def ms(t):
+            return (t - t0) / 1e6 if t is not None else None
+
+        def rate(n, t):                 # events received up to t, per second since the first
+            return n / ((t - self.t_first) / 1e9) if t is not None and t > self.t_first else None
+        got = sum(self.seen)
+        return {"received": got, "dups": self.dups, "missing": self.count - got,
+                "foreign": self.foreign, "seq_breaks": self.breaks, "first_seq": self.first_seq,
+                "last_seq": self.prev_seq,
+                "first_ms": ms(self.t_first), "caught_ms": ms(self.t_caught),
+                "n_caught": self.n_caught, "lag_caught_ms": self.lag_caught_ms,
+                "caught_rate": rate(self.n_caught, self.t_caught),
+                "live_ms": ms(self.t_live), "n_live": self.n_live,
+                "live_rate": rate(self.n_live, self.t_live), "end_ms": ms(t_end),
+                "end_lag_ms": self.end_lag_ms}
+
+
+def _cu_api(a: dict, last: int) -> dict:
+    """Catch up through the API: MasterEvent with a replay of the last *last* events."""
+    import saltevent
+    stop_at = time.monotonic() + a["max_time"]
+    mono = time.monotonic_ns
+    t0 = mono()
+    ev = saltevent.MasterEvent(a["sock_dir"], listen=True,
+                               opts={"saltevent_replay_last": last, "saltevent_seq": True})
+    t1 = mono()
+    check = CatchupCheck(a["count"], t1)
+    feed = check.feed
+    get = ev.get_event
+    t_end = None
+    try:
+        while True:
+            remaining = stop_at - time.monotonic()
+            if remaining <= 0:
+                break
+            got = get(wait=min(remaining, 5.0), full=True)
+            now = mono()
+            if got is None:
+                continue
+            data = got["data"]
+            if got["tag"] == CU_END:
+                t_end = now
+                check.end_lag_ms = (now - data.get("t", now)) / 1e6
+                break
+            feed(data.get("seq"), got.get("seq"), data.get("t", 0), now)
+        res = check.result(t0, t_end)
+        res.update(ctor_ms=(t1 - t0) / 1e6, gaps=ev.gaps, dropped=ev.dropped,
+                   missed=[list(g) for g in list(ev.missed)[:5]], end_seen=t_end is not None)
+        return res
+    finally:
+        ev.destroy()
+
+
+def _cu_cli(a: dict, last: int) -> dict:
+    """Catch up through the CLI: ``python -m saltevent listen --last N --seq --count M``.
+
+    Lines are ``seq<TAB>tag<TAB>json``, read from a pipe and stamped here on arrival;
+    the caught-up point is the "live" one (the CLI does not say where its replay ended).
+    Its stderr (where it reports missed events) goes to a file beside the sockets.
+    """
+    count = a["count"]
+    err_path = os.path.join(a["sock_dir"], "cli.err")
+    argv = [sys.executable, "-m", "saltevent", "listen", "--sock-dir", a["sock_dir"],
+            "--last", str(last), "--seq", "--count", str(count + 1)]
+    stop_at = time.monotonic() + a["max_time"]
+    mono = time.monotonic_ns
+    check = CatchupCheck(count)
+    feed = check.feed
+    loads = json.loads
+    t_end = None
+    bad = 0
+    t0 = mono()
+    with open(err_path, "wb") as err:
+        cli = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                               cwd=a["se_path"])
+    try:
+        fd = cli.stdout.fileno()
+        buf = b""
+        while t_end is None:
+            remaining = stop_at - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(fd, 1 << 16)
+            now = mono()
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                try:
+                    seq, tag, body = line.split(b"\t", 2)
+                    data = loads(body)
+                    seq = int(seq)
+                except ValueError:
+                    bad += 1
+                    continue
+                if tag == CU_END.encode():
+                    t_end = now
+                    check.end_lag_ms = (now - data.get("t", now)) / 1e6
+                    break
+                feed(data.get("seq"), seq, data.get("t", 0), now)
+        try:
+            rc = cli.wait(max(0.1, min(2.0, stop_at - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            rc = None
+        res = check.result(t0, t_end)
+        with open(err_path, "rb") as f:
+            err_text = f.read().decode(errors="replace")
+        res.update(bad_lines=bad, rc=rc, end_seen=t_end is not None,
+                   stderr_lines=err_text.count("\n"), stderr_head=err_text[:300])
+        return res
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait(5)
+        cli.stdout.close()
+
+
+def w_cu_listener(a: dict) -> None:
+    """Wait for ``{"cmd": "start", "last": N}``, then catch up through the API or the CLI."""
+    if a["mode"] == "api":
+        import saltevent  # noqa: F401  (imported before the start: not part of the timing)
+    _out({"ready": True, "pid": os.getpid()})
+    cmd = _in()
+    if cmd is None or cmd.get("cmd") != "start":
+        return
+    last = cmd["last"]
+    res = _cu_api(a, last) if a["mode"] == "api" else _cu_cli(a, last)
+    _out({"result": res})
+
+
 WORKERS = {"listener": w_listener, "idle": w_idle, "firer": w_firer, "se_broker": w_se_broker,
-           "relay": w_relay, "race_a": w_race_a, "race_b": w_race_b}
+           "relay": w_relay, "race_a": w_race_a, "race_b": w_race_b,
+           "cu_firer": w_cu_firer, "cu_listener": w_cu_listener}
 
 
 def worker_main(role: str, args_json: str) -> int:
@@ -1188,6 +1442,64 @@ def sc_idle(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
     return res
 
 
+# -- catchup -------------------------------------------------------------------
+
+CU_MODES = ("api", "cli")
+
+
+def sc_catchup(ctx: Ctx, impl: str, d: str, deadline: float) -> dict:
+    """A listener that starts 1 s into a burst with a replay of the last N events.
+
+    Two phases, each on a fresh bus: ``api`` (MasterEvent with opts
+    saltevent_replay_last/saltevent_seq, in a process started before the burst) and
+    ``cli`` (``python -m saltevent listen --last N --seq --count M``, started 1 s in).
+    """
+    res = {}
+    for mode in CU_MODES:
+        sub = os.path.join(d, mode)
+        os.mkdir(sub)
+        first = len(ctx.procs)
+        try:
+            r = _catchup_phase(ctx, sub, deadline, mode)
+        finally:
+            procs = ctx.procs[first:]
+            del ctx.procs[first:]
+            reap(procs)
+        for key, value in r.items():
+            res[f"{key}_{mode}"] = value
+    res.update(events=ctx.cfg.catchup_events, rate=ctx.cfg.catchup_rate)
+    return res
+
+
+def _catchup_phase(ctx: Ctx, d: str, deadline: float, mode: str) -> dict:
+    cfg = ctx.cfg
+    count, rate = cfg.catchup_events, cfg.catchup_rate
+    start_bus(ctx, "se", d, deadline)
+    cap = deadline - time.monotonic()
+    lst = Proc(ctx, f"catchup-{mode}", "cu_listener",
+               {"sock_dir": d, "mode": mode, "count": count, "max_time": cap})
+    firer = Proc(ctx, "firer", "cu_firer",
+                 {"sock_dir": d, "count": count, "rate": rate, "mark_after": cfg.catchup_after})
+    _wait_all_ready([lst, firer], deadline)
+    t_go = time.monotonic_ns()
+    firer.send({"cmd": "go"})
+    mark = firer.recv(deadline)
+    fired = mark["mark"]
+    # Ask for what will have been fired when the listener registers: what was fired so
+    # far and catchup_margin seconds more, rounded up to the next 1,000, within the ring.
+    last = min(-(-(fired + int(rate * cfg.catchup_margin)) // 1000) * 1000, cfg.catchup_ring)
+    t_start = time.monotonic_ns()
+    lst.send({"cmd": "start", "last": last})
+    fres = firer.recv(deadline)["result"]
+    lres = lst.recv(deadline)["result"]
+    firer.send({"cmd": "done"})
+    secs = (fres["t_end"] - fres["t_start"]) / 1e9
+    return dict(lres, last=last, fired_at_start=fired, fired_past_ring=fired > cfg.catchup_ring,
+                start_s=(t_start - t_go) / 1e9, fire_seconds=secs, fire_rate=count / secs,
+                fire_fails=fres["fails"], fire_end_ok=fres["end_ok"],
+                fire_behind_max_ms=fres["behind_max_ms"])
+
+
 # -- scenario 5 --------------------------------------------------------------
 
 
@@ -1360,11 +1672,12 @@ def _parse_importtime(line: str):
 # -- running ----------------------------------------------------------------
 
 SCENARIOS = ["throughput", "fanout", "fanin", "latency", "stall", "joinrace", "coldstart",
-             "fanout64", "fanin16", "big", "idle1000"]
-SE_ONLY = {"joinrace", "coldstart"}
+             "fanout64", "fanin16", "big", "idle1000", "catchup"]
+SE_ONLY = {"joinrace", "coldstart", "catchup"}
 # Default hard timeout of one run of a scenario, seconds: (--quick, full).
 TIMEOUTS = {name: (20, 120) for name in SCENARIOS}
-TIMEOUTS.update(fanout64=(45, 120), fanin16=(30, 120), big=(60, 180), idle1000=(60, 180))
+TIMEOUTS.update(fanout64=(45, 120), fanin16=(30, 120), big=(60, 180), idle1000=(60, 180),
+                catchup=(30, 60))
 
 
 def run_one(ctx: Ctx, name: str, impl: str) -> dict:
@@ -1396,6 +1709,8 @@ def run_one(ctx: Ctx, name: str, impl: str) -> dict:
             return sc_big(ctx, impl, d, deadline)
         if name == "idle1000":
             return sc_idle(ctx, impl, d, deadline)
+        if name == "catchup":
+            return sc_catchup(ctx, impl, d, deadline)
         raise ValueError(name)
     except (ScenarioTimeout, WorkerFailed, subprocess.TimeoutExpired, OSError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -1405,6 +1720,14 @@ def run_one(ctx: Ctx, name: str, impl: str) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
+#: Correctness figures reported as the worst run, not the median (catchup's, per mode):
+#: a loss in one run of three must show.
+WORST_OF = {f"{key}_{mode}": how for mode in ("api", "cli") for key, how in (
+    ("received", min), ("dups", max), ("missing", max), ("foreign", max), ("seq_breaks", max),
+    ("gaps", max), ("dropped", max), ("bad_lines", max), ("stderr_lines", max),
+    ("fire_fails", max), ("fired_past_ring", any), ("end_seen", all), ("fire_end_ok", all))}
+
+
 def median_result(runs: list) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
@@ -1412,7 +1735,9 @@ def median_result(runs: list) -> dict:
     out = {}
     for k, v in ok[0].items():
         vals = [r.get(k) for r in ok]
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+        if k in WORST_OF and all(x is not None for x in vals):
+            out[k] = WORST_OF[k](vals)
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
             out[k] = statistics.median(vals)
         elif all(isinstance(x, bool) for x in vals):
             out[k] = any(vals)
@@ -1543,12 +1868,35 @@ def build_rows(results: dict, cfg) -> list:
     row("idle1000", "(b) slowdown vs no idle", "slowdown_b", "lower", unit="x")
     row("idle1000", "(a) broker RSS KB per idle", "rss_kb_each_a", "lower")
     row("idle1000", "(b) broker RSS KB per idle", "rss_kb_each_b", "lower")
+    cu = results.get("catchup", {}).get("saltevent", {}).get("median", {})
+    cu_n = cu.get("events") or cfg.catchup_events
+    cu_last = _catchup_last(results)
+    eq = lambda s, t: s == t  # noqa: E731
+    for mode, label in (("api", "API"), ("cli", "CLI")):
+        row("catchup", f"{label}: received of {cu_n:,} (--last {cu_last})", f"received_{mode}", "info",
+            cu_n, cmp=eq, note=f"= {cu_n:,}")
+        row("catchup", f"{label}: duplicates", f"dups_{mode}", "info", 0, cmp=le, note="0")
+        row("catchup", f"{label}: missing", f"missing_{mode}", "info", 0, cmp=le, note="0")
+        row("catchup", f"{label}: seq breaks (0 = consecutive)", f"seq_breaks_{mode}", "info", 0, cmp=le,
+            note="0")
+        if mode == "api":
+            row("catchup", "API: ms to caught up", "caught_ms_api", "lower")
+        row("catchup", f"{label}: ms to live (lag < {CU_LIVE_LAG_MS:g} ms)", f"live_ms_{mode}", "lower")
+        row("catchup", f"{label}: ms to end marker", f"end_ms_{mode}", "lower")
+        row("catchup", f"{label}: catch-up events/s", f"{'caught' if mode == 'api' else 'live'}_rate_{mode}",
+            "higher")
     base = results.get("idle1000", {}).get("baseline", {}).get("median", {})
     if base.get("b_is_a"):              # not measured: the relay has no filters
         for r in rows:
             if r["scenario"] == "idle1000" and r["metric"].startswith("(b)") and r["baseline"] != "ERROR":
                 r["baseline"] += " *"
     return rows
+
+
+def _catchup_last(results: dict) -> str:
+    runs = results.get("catchup", {}).get("saltevent", {}).get("runs", [])
+    lasts = sorted({r[f"last_{m}"] for r in runs if "error" not in r for m in CU_MODES})
+    return "/".join(f"{n:,}" for n in lasts) or "N"
 
 
 def _size_name(label: str) -> str:
@@ -1663,6 +2011,33 @@ def new_scenario_notes(results: dict) -> list:
                             f" (p50/p99 of {m[f'lat_n_{label}']}, max {fmt_num(m[f'lat_max_ms_{label}'])} ms)"
                             for label in BIG_LAT_SIZES)
             notes.append(f"big/{name}: {'; '.join(parts)}; latency runs received {lat}")
+        runs = results.get("catchup", {}).get(impl, {}).get("runs", [])
+        for k, r in enumerate(runs):
+            if "error" in r:
+                continue
+            parts = []
+            for mode in CU_MODES:
+                g = lambda key: r.get(f"{key}_{mode}")  # noqa: E731
+                parts.append(
+                    f"{mode} --last {g('last'):,} at {fmt_num(g('start_s'))} s ({g('fired_at_start'):,} fired"
+                    f"{', MORE THAN THE RING' if g('fired_past_ring') else ''}):"
+                    f" {g('received'):,} received, bus seq {g('first_seq')}..{g('last_seq')},"
+                    f" first event at {fmt_num(g('first_ms'))} ms"
+                    + (f", had the {g('n_caught'):,} fired before its constructor returned"
+                       f" ({fmt_num(g('ctor_ms'))} ms) by {fmt_num(g('caught_ms'))} ms"
+                       f" (the last {fmt_num(g('lag_caught_ms'))} ms after its fire)"
+                       if g("caught_ms") is not None else "")
+                    + f", live after {g('n_live') or 0:,} events at {fmt_num(g('live_ms'))} ms,"
+                      f" end marker at {fmt_num(g('end_ms'))} ms ({fmt_num(g('end_lag_ms'))} ms after its fire)"
+                    + (", END MARKER NOT SEEN" if not g("end_seen") else "")
+                    + (f", gaps {g('gaps')}, dropped {g('dropped')}, missed {g('missed')}"
+                       if g("gaps") or g("dropped") or g("missed") else "")
+                    + (f", stderr: {g('stderr_head')!r}" if g("stderr_lines") else "")
+                    + ((", the CLI did not exit by itself (killed)" if g("rc") is None else f", rc {g('rc')}")
+                       if mode == "cli" and g("rc") != 0 else "")
+                    + f"; firer {fmt_num(g('fire_rate'))}/s (at most {fmt_num(g('fire_behind_max_ms'))} ms"
+                      f" behind), fails {g('fire_fails')}")
+            notes.append(f"catchup/{name} run {k + 1}: " + "; ".join(parts))
         m = results.get("idle1000", {}).get(impl, {}).get("median", {})
         if m and "error" not in m:
             short = [t for t in ("ref", "a", "b") if m[f"received_{t}"] != m[f"expected_{t}"] or m[f"dropped_{t}"]]
@@ -1824,6 +2199,11 @@ def parse_args(argv):
     cfg.idle_listeners = 1000
     cfg.idle_procs = 10
     cfg.idle_events = 10000 if q else 50000
+    cfg.catchup_rate = 6000                          # events/s: 1.5 s of them fit the ring
+    cfg.catchup_events = 9000 if q else 12000        # a burst of 1.5 s or 2 s
+    cfg.catchup_after = 1.0                          # s into the burst the listener starts
+    cfg.catchup_margin = 0.5                         # s of events N adds for the listener's start
+    cfg.catchup_ring = 10000                         # saltevent's default ring (DEFAULT_RING_EVENTS)
     return cfg
 
 
