@@ -1244,24 +1244,8 @@ class _Intake:
                 self._pause(peer)
                 return
         held = reader.held
-        try:
-            frames = reader.read(peer.sock, limit)
-        except (BlockingIOError, InterruptedError):
+        if not self._read(peer, limit) or not peer.alive:
             return
-        except ConnectionResetError:
-            reader.eof = True
-            frames = []
-        except FrameError as exc:
-            self._drop(peer, str(exc))
-            return
-        except OSError as exc:
-            self._drop(peer, f"read failed: {exc}")
-            return
-        self._in_held += reader.held - held
-        if frames:
-            self._on_frames(peer, frames)
-            if not peer.alive:
-                return
         if reader.eof:
             if reader.held:
                 log.warning("client of %s (pid %d) closed mid-frame; dropped %d bytes",
@@ -1276,6 +1260,29 @@ class _Intake:
             self._partial.discard(peer)
             if held:
                 self._resume_paused()
+
+    def _read(self, peer: _Peer, limit: int = _RECV_BYTES) -> bool:
+        """Receive once from *peer* and act on the frames; False if there was nothing to
+        read or the peer was dropped (a malformed frame, a failed read)."""
+        reader = peer.reader
+        held = reader.held
+        try:
+            frames = reader.read(peer.sock, limit)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionResetError:
+            reader.eof = True
+            frames = []
+        except FrameError as exc:
+            self._drop(peer, str(exc))
+            return False
+        except OSError as exc:
+            self._drop(peer, f"read failed: {exc}")
+            return False
+        self._in_held += reader.held - held
+        if frames:
+            self._on_frames(peer, frames)
+        return True
 
     def _allot(self, peer: _Peer) -> bool:
         """Give *peer*'s unfinished big frame a buffer of its own if the input budget
@@ -1839,21 +1846,9 @@ class _Succession:
                         extra = reader.need - reader.held
                         reader.alloc()
                         self._in_held += extra
-                    held = reader.held
-                    try:
-                        frames = reader.read(peer.sock)
-                    except (BlockingIOError, InterruptedError):
+                    if not self._read(peer):
                         break
-                    except OSError:
-                        reader.eof = True
-                        frames = []
-                    except FrameError as exc:
-                        self._drop(peer, str(exc))
-                        break
-                    self._in_held += reader.held - held
                     pending[peer] = time.monotonic()
-                    if frames:
-                        self._on_frames(peer, frames)
                     if reader.eof:
                         pending.pop(peer, None)
                         if peer.alive and not peer.listener:

@@ -2348,68 +2348,6 @@ def _error_records(caplog):
     return [(r.getMessage(), r.msg, r.args) for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_fire_ret_load_as_in_salts_own_test(sock_dir, monkeypatch, caplog):
-    """Salt 3008's tests/pytests/unit/utils/event/test_event.py::test_event_fire_ret_load."""
-    load = {
-        "id": "minion_id.example.org",
-        "jid": "20240212095247760376",
-        "fun": "state.highstate",
-        "retcode": 254,
-        "return": {
-            "saltutil_|-sync_states_|-sync_states_|-sync_states": {"result": True},
-            "saltutil_|-sync_modules_|-sync_modules_|-sync_modules": {"result": False},
-        },
-    }
-    expected = {
-        "result": False,
-        "retcode": 254,
-        "jid": "20240212095247760376",
-        "id": "minion_id.example.org",
-        "success": False,
-        "return": "Error: saltutil.sync_modules",
-        "fun": "state.highstate",
-    }
-    calls = []
-    outcomes = iter([None, None, RuntimeError("bus on fire")])
-
-    def fire_event(data, tag, timeout=1000):
-        calls.append((data, tag))
-        outcome = next(outcomes)
-        if outcome is not None:
-            raise outcome
-        return True
-
-    caplog.set_level(logging.INFO, logger="saltevent")
-    with MasterEvent(sock_dir, listen=False) as ev:
-        monkeypatch.setattr(ev, "fire_event", fire_event)
-        ev.fire_ret_load(load)
-        assert calls == [(expected, "saltutil.sync_modules"),
-                         (expected, "salt/job/20240212095247760376/sub/minion_id.example.org"
-                                    "/error/state.highstate")]
-        assert _error_records(caplog) == []
-
-        ev.fire_ret_load(load)                      # its first fire_event raises
-        [record] = [r for r in caplog.records if r.levelname == "ERROR"]
-        assert record.msg == "Event from '%s' iteration failed with exception: %s"
-        assert record.args[0] == "minion_id.example.org" and str(record.args[1]) == "bus on fire"
-        assert not record.exc_info                  # the traceback only when logging DEBUG
-
-        caplog.clear()
-        load["return"] = "Unhandled exception running state.highstate"
-        ev.fire_ret_load(load)
-        traceback = ["Traceback (most recent call last):\n",
-                     "    Just an example of possible return as a list\n"]
-        load["return"] = traceback
-        ev.fire_ret_load(load)
-        template = "Event with bad payload received from '%s': %s"
-        assert _error_records(caplog) == [
-            (template % ("minion_id.example.org", "Unhandled exception running state.highstate"),
-             template, ("minion_id.example.org", "Unhandled exception running state.highstate")),
-            (template % ("minion_id.example.org", "".join(traceback)),
-             template, ("minion_id.example.org", "".join(traceback))),
-        ]
-
-
 def test_fire_ret_load_logs_and_stops_where_salt_does(listener, firer, caplog):
     caplog.set_level(logging.DEBUG, logger="saltevent")
     bad_state = {"fun": "state.sls", "retcode": 1, "jid": "j5", "id": "m5",
