@@ -349,7 +349,7 @@ def _encode_control(msg: dict) -> bytes:
 def _decode_data(body: Any) -> dict:
     """Return an event's data from its body bytes; FrameError if it is not a JSON object."""
     try:
-        text = str(body, "utf-8")
+        text = body.decode() if body.__class__ is bytes else str(body, "utf-8")
         obj, end = _scan_once(text, 0)
     except UnicodeDecodeError:
         raise FrameError("frame body is not valid UTF-8", body) from None
@@ -2579,7 +2579,8 @@ class _Conn:
             reader.alloc()
         controls = []
         if frames:
-            view = memoryview(frames[0][2])
+            data = frames[0][2]                 # one read: one buffer for all its frames
+            view = data if data.__class__ is bytes else memoryview(data)   # never copy big
             append = events.append
             seq = self.seq
             for kind, tag, data, _start, body, end in frames:
@@ -2872,14 +2873,14 @@ class _Listening(_EventBase):
             self._on_gap(gap)
         if not self._gap_events:
             return None
-        return _GapEvent(self._full(GAP_TAG, dict(gap._asdict()), None))
-
-    def _full(self, tag: str, data: dict, seq: int | None) -> dict:
+        event = {"data": dict(gap._asdict()), "tag": GAP_TAG}
         if self._seq_keys:
-            return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
-        return {"data": data, "tag": tag}       # Salt's key order
+            event.update(seq=None, epoch=self.epoch)
+        return _GapEvent(event)
 
     def _decoded(self, tag: str, body: Any, seq: int) -> dict | None:
+        """Return the full event of a queued one, or None (counted, logged) if its data
+        cannot be decoded."""
         try:
             data = _decode_data(body)
         except FrameError as exc:
@@ -2890,7 +2891,9 @@ class _Listening(_EventBase):
                 log.warning("Event with bad payload received from '%s': %s (%d skipped)",
                             tag, exc, self.malformed)
             return None
-        return self._full(tag, data, seq)
+        if self._seq_keys:
+            return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
+        return {"data": data, "tag": tag}       # Salt's key order
 
     def _check_pending(self, tag: str, match: Callable) -> dict | None:
         """Return the first cached event matching *tag*.
