@@ -374,7 +374,7 @@ class _FrameReader:
         self.need = 0              # size of the buffer that head waits for, if any
         self.max_frame = max_frame
         self.eof = False
-        self.since = 0.0           # monotonic time the unfinished frame last grew
+        self.since = 0.0           # monotonic time the unfinished frame began
 
     @property
     def held(self) -> int:
@@ -390,7 +390,6 @@ class _FrameReader:
                 self.eof = True
                 return []
             self.got += n
-            self.since = time.monotonic()
             if self.got < len(buf):
                 return []
             self.buf = None
@@ -452,8 +451,9 @@ class _FrameReader:
             self.head = b""
             self.need = 0
         else:
+            if off or not self.head:       # a new frame begins (not more of the last one)
+                self.since = time.monotonic()
             self.head = data[off:]
-            self.since = time.monotonic()
             self.need = 0
             if size - off >= _HDR_SIZE:
                 total = end - off
@@ -1243,6 +1243,7 @@ class _Intake:
         self._partial.add(peer)
         if peer.paused:
             peer.paused = False
+            reader.since = time.monotonic()    # time spent paused is not the client's
             self._watch(peer)
         return True
 
@@ -1275,6 +1276,7 @@ class _Intake:
             peer = paused.popleft()
             if peer.alive and peer.paused:
                 peer.paused = False
+                peer.reader.since = time.monotonic()
                 self._watch(peer)
 
     def _on_frames(self, peer: _Peer, frames: list) -> None:
