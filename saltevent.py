@@ -1247,7 +1247,7 @@ class _Intake:
             self._watch(peer)
         return True
 
-    def _make_room(self, peer: _Peer, size: int) -> bool:
+    def _make_room(self, peer: _Peer | None, size: int) -> bool:
         """Return True if *size* more bytes fit the input budget, evicting clients that
         have sat on an unfinished frame for ``_EVICT_AGE`` or more to make room."""
         if self._in_held + size <= _INPUT_BUDGET:
@@ -2082,8 +2082,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             log.warning(msg, *args)
 
     def _timers(self) -> None:
-        """Check paths, resume accepting, drop stalled frames, end the grace.  Runs on the
-        broker thread."""
+        """Check paths, resume accepting, drop stalled frames, evict old ones for paused
+        clients, end the grace.  Runs on the broker thread."""
         now = time.monotonic()
         self._next_check = now + _PATH_CHECK_INTERVAL
         if self._accept_paused_until and now >= self._accept_paused_until:
@@ -2093,6 +2093,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         for peer in [p for p in self._partial
                      if not p.paused and now - p.reader.since > _FRAME_STALL]:
             self._drop(peer, f"left a frame unfinished for {_FRAME_STALL:g} s")
+        if self._paused and self._make_room(None, _BIG_FRAME):
+            self._resume_paused()          # frames held too long were evicted for them
         if self._ring.grace_until and now >= self._ring.grace_until:
             self._ring.end_grace(self._release)
         self._check_paths()
