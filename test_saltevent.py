@@ -2334,6 +2334,33 @@ def drop_reasons(text):
     return re.findall(r"dropped a client of \S+ \(pid \d+\): (.*)", text)
 
 
+class Dripper:
+    """A raw client that starts an event frame of *size* bytes and then sends one more
+    byte every *pace* seconds, never finishing it, until the broker closes it."""
+
+    def __init__(self, path, size, pace=0.2):
+        self.sock = raw_client(path)
+        self.sock.sendall(HDR.pack(E, 0, 1, size - HDR.size - 1) + b"d{")
+        self.pace = pace
+        self.closed_at = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drip, name="dripper")
+        self.thread.start()
+
+    def _drip(self):
+        while not self.stop.wait(self.pace):
+            try:
+                self.sock.send(b" ")
+            except OSError:
+                self.closed_at = time.monotonic()
+                return
+
+    def close(self):
+        self.stop.set()
+        join(self.thread)
+        self.sock.close()
+
+
 def test_hardening_stats_flood_without_reading_is_dropped(sock_dir, listener, firer, caplog):
     """A client that sends ``stats`` requests in a loop and never reads is dropped as
     soon as it asks again with an answer still queued; the broker's control replies
@@ -2437,3 +2464,78 @@ def test_hardening_parked_unfinished_frames_stay_within_the_input_budget(sock_di
     assert len(reasons) >= closed, (closed, reasons)
     assert all(re.match("evicted|left a frame unfinished", r) for r in reasons), reasons
 
+
+def test_hardening_drip_fed_frame_is_dropped_after_the_frame_stall(sock_dir, listener, firer,
+                                                                   caplog, monkeypatch):
+    """A client that drips one byte of a frame every 0.2 s holds up nobody, and is
+    dropped once its frame has been unfinished for ``_FRAME_STALL`` seconds (made
+    short here; the broker reads the constant when it checks), however it drips."""
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    stall = 1.0
+    monkeypatch.setattr(saltevent, "_FRAME_STALL", stall)
+    dripper = Dripper(bus_path(sock_dir), 1000)
+    started = time.monotonic()
+    try:
+        latencies = []
+        i = 0
+        while dripper.closed_at is None and time.monotonic() - started < stall + TIMEOUT:
+            t0 = time.monotonic()
+            assert firer.fire_event({"i": i}, "during/drip")
+            assert listener.get_event(wait=TIMEOUT, tag="during/drip")["i"] == i
+            latencies.append(time.monotonic() - t0)
+            i += 1
+            dripper.stop.wait(0.05)
+        closed_at = dripper.closed_at
+    finally:
+        dripper.close()
+    assert closed_at is not None, "a client dripping a frame was never dropped"
+    assert stall <= closed_at - started <= stall + 2.0
+    assert max(latencies) < 0.5, f"others were held up {max(latencies):.2f} s"
+    assert any(r.startswith(f"left a frame unfinished for {stall:g} s")
+               for r in drop_reasons(caplog.text)), caplog.text
+
+
+def test_hardening_drippers_holding_the_input_budget_are_evicted(sock_dir, listener, firer,
+                                                                 caplog):
+    """Three clients that hold the whole input budget with frames they drip a byte at a
+    time do not block others: small events pass at once, a 1 MB event within a few
+    seconds, by evicting the drippers (with a logged reason), never the legit client."""
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    path = bus_path(sock_dir)
+    budget = saltevent._INPUT_BUDGET
+    big = saltevent.MAX_FRAME_BYTES
+    sizes = [big, big, budget - 2 * big - (32 << 10)]
+    held = []
+
+    def input_held():
+        held.append(broker_stats(path)["held"]["input"])
+        return held[-1]
+
+    drippers = []
+    try:
+        for size in sizes:
+            drippers.append(Dripper(path, size))
+        wait_until(lambda: input_held() >= budget - (64 << 10),
+                   what="the drippers to hold the input budget")
+        t0 = time.monotonic()
+        for i in range(5):
+            assert firer.fire_event({"i": i}, "legit/small")
+        assert [e["data"]["i"] for e in drain(listener, 5, tag="legit/small")] == list(range(5))
+        small = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert firer.fire_event({"big": "b" * 1_000_000}, "legit/big", timeout=5000)
+        assert listener.get_event(wait=TIMEOUT, tag="legit/big") is not None
+        bigger = time.monotonic() - t0
+        input_held()
+        evicted = [r for r in drop_reasons(caplog.text) if r.startswith("evicted")]
+        wait_until(lambda: sum(d.closed_at is not None for d in drippers) >= len(evicted),
+                   what="the evicted drippers to see it")
+    finally:
+        for dripper in drippers:
+            dripper.close()
+    assert small < 1.0, f"small events took {small:.2f} s"
+    assert bigger < 4.0, f"a 1 MB event took {bigger:.2f} s"
+    assert max(held) <= budget + saltevent._RECV_BYTES, held
+    assert evicted, drop_reasons(caplog.text)
+    assert sum(d.closed_at is not None for d in drippers) == len(evicted) == len(
+        drop_reasons(caplog.text)), drop_reasons(caplog.text)
