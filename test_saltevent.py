@@ -2539,3 +2539,142 @@ def test_hardening_drippers_holding_the_input_budget_are_evicted(sock_dir, liste
     assert evicted, drop_reasons(caplog.text)
     assert sum(d.closed_at is not None for d in drippers) == len(evicted) == len(
         drop_reasons(caplog.text)), drop_reasons(caplog.text)
+
+
+@needs_proc
+def test_hardening_broker_out_of_fds_backs_off_and_recovers(sock_dir, spawn):
+    """A broker that runs out of fds (RLIMIT_NOFILE 64) with clients still queued does
+    not spin on its readable listening socket, warns once, not per attempt, and
+    accepts again once clients leave: a new listener joins and gets an event."""
+    hub = spawn(code="import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+                     + LOGGING_AGENT)
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False,
+                    pull=True)["broker_here"]
+    path = bus_path(sock_dir)
+    warning = "cannot accept new clients"
+    crowd = []
+    try:
+        for _ in range(100):                    # more than it can accept: the rest queue
+            crowd.append(raw_client(path))
+        wait_until(lambda: warning in hub.stderr(), what="the broker to run out of fds")
+        cpu = cpu_seconds(hub.pid)
+        time.sleep(1.0)                         # a measurement window, not a synchronisation
+        spent = cpu_seconds(hub.pid) - cpu
+        warned = hub.stderr().count(warning)
+    finally:
+        for sock in crowd:
+            sock.close()
+    assert spent < 0.3, f"the broker spent {spent:.2f} s of CPU in one second out of fds"
+    assert 1 <= warned <= 3, hub.stderr()
+    with MasterEvent(sock_dir) as listener:
+        assert hub.call(op="fire", name="h", tag="after/emfile")["ok"] == 1
+        assert listener.get_event(wait=TIMEOUT, tag="after/emfile") is not None
+    assert broker_stats(path)["pid"] == hub.pid
+
+
+def test_hardening_failed_broker_start_releases_everything(sock_dir, monkeypatch):
+    """When the process that won the election cannot start its broker (out of fds),
+    the constructor and fire_event fail at once and cleanly: the election lock is
+    free, no socket file and no fd is left, and a later MasterEvent works."""
+    real_init = saltevent.Broker.__init__
+    failures = []
+
+    def failing_init(self, *args, **kwargs):
+        if len(failures) < 1:
+            failures.append(1)
+            raise OSError(errno.EMFILE, "Too many open files (simulated)")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(saltevent.Broker, "__init__", failing_init)
+    path, lock = bus_path(sock_dir), lock_path(sock_dir)
+
+    def released():
+        assert not os.path.exists(path), "the failed broker left its socket file"
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # raises if still held
+        finally:
+            os.close(fd)
+
+    fds = _open_fds()
+    t0 = time.monotonic()
+    with pytest.raises(BusClosedError, match="Too many open files"):
+        MasterEvent(sock_dir)
+    assert time.monotonic() - t0 < 1.0
+    assert _open_fds() - fds == set()
+    released()
+    del failures[:]
+    with MasterEvent(sock_dir, listen=False) as ev:
+        t0 = time.monotonic()
+        assert ev.fire_event({}, "t", timeout=2000) is False
+        assert time.monotonic() - t0 < 1.0
+    del failures[:]
+    with MasterEvent(sock_dir, listen=False, raise_errors=True) as ev:
+        with pytest.raises(OSError, match="Too many open files"):
+            ev.fire_event({}, "t", timeout=2000)
+    assert _open_fds() - fds == set()
+    released()
+    with MasterEvent(sock_dir) as ev:
+        assert ev.fire_event({"n": 1}, "after/failure")
+        assert ev.get_event(wait=TIMEOUT, tag="after/failure")["n"] == 1
+
+
+@pytest.fixture(params=["full", "silent"])
+def jammed(request, sock_dir):
+    """A bus nobody can serve in time: a socket whose listen queue is full (or that never
+    accepts nor answers), and its election lock held elsewhere."""
+    path = bus_path(sock_dir)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued = []
+    lock_fd = os.open(lock_path(sock_dir), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        server.bind(path)
+        server.listen(0 if request.param == "full" else 64)
+        if request.param == "full":
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                queued.append(sock)
+                sock.setblocking(False)
+                err = sock.connect_ex(path)
+                if err:
+                    assert err == errno.EAGAIN, os.strerror(err)
+                    break
+                assert len(queued) < 64, "the listen queue never filled"
+        yield request.param, sock_dir
+    finally:
+        for sock in queued:
+            sock.close()
+        server.close()
+        os.close(lock_fd)
+
+
+def test_hardening_every_connect_honours_the_callers_timeout(jammed):
+    """With the listen queue full (or a socket that never answers) and no way to elect,
+    fire_event, connect_pub, fire_event_async and the CLI give up within the caller's
+    timeout instead of blocking in connect() or waiting for a hello."""
+    kind, sock_dir = jammed
+    with MasterEvent(sock_dir, listen=False) as ev:
+        t0 = time.monotonic()
+        assert ev.fire_event({}, "t", timeout=100) is False
+        fired = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert ev.connect_pub(timeout=0.2) is False
+        connected = time.monotonic() - t0
+    assert 0.1 <= fired <= 1.0 + 0.5, fired
+    assert 0.2 <= connected <= 0.2 + 1.0, connected
+
+    async def fire_async():
+        loop = asyncio.get_running_loop()
+        with MasterEvent(sock_dir, listen=False, io_loop=loop) as aev:
+            t0 = time.monotonic()
+            ok = await aev.fire_event_async({}, "t", timeout=100)
+            return ok, time.monotonic() - t0
+
+    ok, elapsed = run_async(fire_async())
+    assert ok is False and elapsed <= 1.0 + 0.5, elapsed
+    if kind == "full":                          # a silent socket costs the CLI its 5 s
+        t0 = time.monotonic()
+        rc, _, err = cli_run("stats", sock_dir=sock_dir)
+        assert rc == 1, err
+        assert time.monotonic() - t0 < 4.0
