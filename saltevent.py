@@ -1884,8 +1884,14 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._listen_sock = election.sock
         self._lock_fd = election.lock_fd
         self._ident = election.ident
+        self._ring = _Ring(_non_negative_int(settings, "saltevent_ring_events"),
+                           _non_negative_int(settings, "saltevent_ring_bytes"))
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
+        try:
+            self._wake_r, self._wake_w = socket.socketpair()
+        except BaseException:
+            self._selector.close()
+            raise
         self._peers: dict = {}                 # every connection
         self._plain: dict = {}                 # listeners that want every event
         self._index = _TagIndex()              # listeners that declared tags
@@ -1906,8 +1912,6 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._ousted = False                   # another broker owns the bus's paths now
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self._drops = 0
-        self._ring = _Ring(_non_negative_int(settings, "saltevent_ring_events"),
-                           _non_negative_int(settings, "saltevent_ring_bytes"))
         self._resuming: set = set()            # listener ids the predecessor handed over
         self._handed_drops: dict = {}
         state = election.state
