@@ -2619,6 +2619,36 @@ def test_hardening_failed_broker_start_releases_everything(sock_dir, monkeypatch
         assert ev.get_event(wait=TIMEOUT, tag="after/failure")["n"] == 1
 
 
+@pytest.mark.parametrize("failure", ["socketpair", "opts"])
+def test_hardening_broker_constructor_closes_what_it_opened(sock_dir, monkeypatch, failure):
+    """A Broker constructor that fails after opening its selector and wake sockets
+    (no fd left for the socketpair; a bad ring setting) closes them before it raises,
+    rather than leaving them to the garbage collector."""
+    real_socketpair = socket.socketpair
+
+    def no_fds(*args):
+        raise OSError(errno.EMFILE, "Too many open files (simulated)")
+
+    opts = {}
+    if failure == "socketpair":
+        monkeypatch.setattr(saltevent.socket, "socketpair", no_fds)
+    else:
+        opts = {"saltevent_ring_events": -1}
+    fds = _open_fds()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises((SaltEventError, OSError, ValueError)) as info:
+            MasterEvent(sock_dir, opts=opts)
+        leaked = _open_fds() - fds          # while the exception (and its frames) lives
+        del info
+        gc.collect()
+    monkeypatch.setattr(saltevent.socket, "socketpair", real_socketpair)
+    assert leaked == set()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    with MasterEvent(sock_dir) as ev:
+        assert ev.fire_event({}, "after") and ev.get_event(wait=TIMEOUT, tag="after")
+
+
 @pytest.fixture(params=["full", "silent"])
 def jammed(request, sock_dir):
     """A bus nobody can serve in time: a socket whose listen queue is full (or that never
