@@ -2269,7 +2269,11 @@ needs_root = pytest.mark.skipif(
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"),
                                 reason="reads a process's figures from /proc")
 #: The first lines of a child that becomes uid/gid 65534 before it does anything else.
-AS_NOBODY = "import os\nos.setgroups([])\nos.setgid(65534)\nos.setuid(65534)\n"
+#: It imports first what it will need: the interpreter's own files may be unreadable to
+#: uid 65534 (a pyenv under /root), and saltevent imports some modules on first use.
+AS_NOBODY = ("import json, logging, os, selectors, socket, struct, sys, tempfile, time\n"
+             "import saltevent\n"
+             "os.setgroups([])\nos.setgid(65534)\nos.setuid(65534)\n")
 #: An Agent that logs saltevent's warnings to its stderr (Agent.stderr() reads them).
 LOGGING_AGENT = ("import logging, sys\nlogging.basicConfig(stream=sys.stderr, "
                  "level=logging.WARNING, format='%(levelname)s %(message)s')\n" + AGENT)
@@ -2788,3 +2792,212 @@ def test_hardening_removed_socket_and_lock_files_recover(sock_dir, spawn):
         numbers = [first] + [e["data"]["i"] for e in events if e["tag"] == "s/n"]
         assert_accounted(numbers, stream["sent"], here.gaps, here.dropped, "here")
     assert stream["failed"] == 0
+
+
+# A broker impostor run by uid 65534: it binds the bus path, greets every client with
+# a hello and a forged event, and counts every byte it receives; on EOF of stdin it
+# prints {"conns": accepted connections, "got": bytes received}.
+SQUATTER = AS_NOBODY + r'''
+import json, selectors, socket, struct, sys
+path = sys.argv[1]
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(16)
+hello = json.dumps({"ctl": "hello", "pid": os.getpid(), "v": 2, "epoch": "evil"}).encode()
+forged = json.dumps({"ctl": "forged"}).encode()
+greeting = (struct.pack("!BBHI", 0x43, 0, 0, len(hello)) + hello
+            + struct.pack("!BBHIQ", 0x53, 0, 0, 8, 1)
+            + struct.pack("!BBHI", 0x45, 0, 6, len(forged)) + b"forged" + forged)
+sel = selectors.DefaultSelector()
+sel.register(server, selectors.EVENT_READ, "accept")
+sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+conns = got = 0
+print("{}", flush=True)
+while True:
+    for key, _ in sel.select():
+        if key.data == "accept":
+            conn, _ = server.accept()
+            conns += 1
+            try:
+                conn.sendall(greeting)
+            except OSError:
+                pass
+            sel.register(conn, selectors.EVENT_READ, "conn")
+        elif key.data == "stdin":
+            if not sys.stdin.readline():         # the end: take in what is still queued
+                server.setblocking(False)
+                while True:
+                    try:
+                        conn, _ = server.accept()
+                    except BlockingIOError:
+                        break
+                    conns += 1
+                    sel.register(conn, selectors.EVENT_READ, "conn")
+                for key in list(sel.get_map().values()):
+                    if key.data == "conn":
+                        key.fileobj.settimeout(5)
+                        try:
+                            while True:
+                                data = key.fileobj.recv(65536)
+                                if not data:
+                                    break
+                                got += len(data)
+                        except OSError:
+                            pass
+                print(json.dumps({"conns": conns, "got": got}), flush=True)
+                sys.exit(0)
+        else:
+            try:
+                data = key.fileobj.recv(65536)
+            except OSError:
+                data = b""
+            got += len(data)
+            if not data:
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+'''
+
+
+@needs_root
+def test_hardening_broker_of_another_user_is_never_used(sock_dir, spawn):
+    """In a shared sticky sock_dir, a bus socket bound by uid 65534 (acting as a broker:
+    hello, a forged event) is refused before a byte is sent or trusted: MasterEvent
+    raises BusClosedError naming the uid, fire_event returns False (raises with
+    raise_errors), and the impostor received nothing, not the password."""
+    os.chmod(sock_dir, 0o1777)
+    path = bus_path(sock_dir)
+    squatter = spawn(code=f"import sys\nsys.argv[1:] = [{path!r}]\n" + SQUATTER)
+    squatter.recv()
+    assert os.lstat(path).st_uid == NOBODY
+    with pytest.raises(BusClosedError, match=f"uid {NOBODY}") as info:
+        MasterEvent(sock_dir)
+    assert path in str(info.value)
+    with MasterEvent(sock_dir, listen=False) as ev:
+        assert ev.fire_event({"password": "hunter2"}, "secret", timeout=500) is False
+        assert ev.connect_pub(timeout=0.5) is False
+    with MasterEvent(sock_dir, listen=False, raise_errors=True) as ev:
+        with pytest.raises(BusClosedError, match=f"uid {NOBODY}"):
+            ev.fire_event({"password": "hunter2"}, "secret", timeout=500)
+    squatter.end_input()
+    report = squatter.recv()
+    assert report["conns"] >= 3, "the impostor was never even reached"
+    assert report["got"] == 0, f"the impostor received {report['got']} bytes"
+
+
+def test_hardening_planted_lock_file_is_refused(sock_dir):
+    """A lock file that is a symbolic link (planted, pointing at a file of ours) or that
+    has a second hard link is refused with a clear BusClosedError; the file it points
+    at is not touched."""
+    lock = lock_path(sock_dir)
+    elsewhere = tempfile.mkdtemp(prefix="se-")
+    try:
+        target = os.path.join(elsewhere, "precious")
+        with open(target, "w") as precious:
+            precious.write("keep me\n")
+        before = os.stat(target)
+        os.symlink(target, lock)
+        with pytest.raises(BusClosedError, match="symbolic link") as info:
+            MasterEvent(sock_dir)
+        assert lock in str(info.value)
+        with MasterEvent(sock_dir, listen=False) as ev:
+            assert ev.fire_event({}, "t", timeout=300) is False
+        after = os.stat(target)
+        with open(target) as precious:
+            assert precious.read() == "keep me\n"
+        assert (after.st_size, after.st_mtime_ns, stat.S_IMODE(after.st_mode)) == (
+            before.st_size, before.st_mtime_ns, stat.S_IMODE(before.st_mode))
+        os.unlink(lock)
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.link(lock, os.path.join(sock_dir, "second-name"))
+        with pytest.raises(BusClosedError, match="2 hard links"):
+            MasterEvent(sock_dir)
+        os.unlink(os.path.join(sock_dir, "second-name"))
+        with MasterEvent(sock_dir) as ev:           # the same file, alone again, is fine
+            assert ev.fire_event({}, "ok") and ev.get_event(wait=TIMEOUT, tag="ok")
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+@pytest.fixture
+def private_tmp(monkeypatch):
+    """A fresh shared (1777) TMPDIR, where sock_dir=None resolves to saltevent-<uid>."""
+    tmp = tempfile.mkdtemp(prefix="se-")
+    os.chmod(tmp, 0o1777)
+    monkeypatch.setenv("TMPDIR", tmp)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("SALTEVENT_SOCK_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)          # gettempdir() reads TMPDIR again
+    monkeypatch.setattr(saltevent, "_SALT_SOCK_DIRS",
+                        {"master": os.path.join(tmp, "no-salt"),
+                         "minion": os.path.join(tmp, "no-salt")})
+    try:
+        yield tmp, os.path.join(tmp, f"saltevent-{os.geteuid()}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.parametrize("planted", ["symlink", "directory"])
+def test_hardening_private_default_planted_by_another_user_is_refused(private_tmp, planted):
+    """The private default sock_dir ($TMPDIR/saltevent-<uid>) planted by uid 65534 (a
+    symlink to its own directory, or to nowhere, or the directory itself) is refused,
+    with a message that names it and says what to do; nothing is created through it."""
+    tmp, private = private_tmp
+    assert saltevent._resolve_sock_dir(None, "master") == private
+    decoy = os.path.join(tmp, "decoy")
+    code = {
+        "symlink": f"os.mkdir({decoy!r}, 0o777)\nos.symlink({decoy!r}, {private!r})\n",
+        "dangling-symlink": f"os.symlink({decoy!r}, {private!r})\n",
+        "directory": f"os.mkdir({private!r}, 0o777)\n",
+    }[planted]
+    assert run_as_nobody(code + "print('{}')\n") == {}
+    assert os.lstat(private).st_uid == NOBODY
+    with pytest.raises(BusClosedError) as info:
+        MasterEvent(None)
+    message = str(info.value)
+    assert private in message
+    assert "SALTEVENT_SOCK_DIR" in message and "sock_dir" in message, message
+    if planted != "dangling-symlink":
+        assert f"uid {NOBODY}" in message, message
+    assert not os.path.exists(decoy) or os.listdir(decoy) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o707])
+def test_hardening_writable_sock_dir_must_be_sticky(sock_dir, mode):
+    """A sock_dir others can write into is refused unless it is sticky (the message says
+    chmod); the same directory made sticky, holding our files, works."""
+    with MasterEvent(sock_dir) as ev:               # our socket and lock files are there
+        assert ev.fire_event({}, "first") and ev.get_event(wait=TIMEOUT, tag="first")
+    os.chmod(sock_dir, mode)
+    with pytest.raises(BusClosedError, match="chmod") as info:
+        MasterEvent(sock_dir)
+    assert sock_dir in str(info.value)
+    os.chmod(sock_dir, mode | stat.S_ISVTX)
+    with MasterEvent(sock_dir) as ev:
+        assert ev.fire_event({"n": 2}, "sticky") is True
+        assert ev.get_event(wait=TIMEOUT, tag="sticky")["n"] == 2
+
+
+@needs_root
+@pytest.mark.parametrize("broker", [False, True], ids=["no-broker", "root-broker"])
+def test_hardening_listener_that_can_neither_join_nor_elect_fails_at_once(sock_dir, broker):
+    """uid 65534 making a listener on root's 0755 sock_dir (permission denied on the
+    lock file; or on the socket of a running root broker) gets BusClosedError at once,
+    naming the path and the reason, not a warning after a wait."""
+    os.chmod(sock_dir, 0o755)
+    code = (f"import json, time, saltevent\nt0 = time.monotonic()\n"
+            f"try:\n    saltevent.MasterEvent({sock_dir!r})\n"
+            f"except saltevent.BusClosedError as exc:\n"
+            f"    print(json.dumps({{'error': str(exc), 'dt': time.monotonic() - t0}}))\n"
+            f"else:\n    print(json.dumps({{'error': None}}))\n")
+    if broker:
+        with MasterEvent(sock_dir, listen=False) as ev:
+            assert ev.connect_pull(timeout=TIMEOUT)
+            res = run_as_nobody(code)
+        where = bus_path(sock_dir)
+    else:
+        res = run_as_nobody(code)
+        where = lock_path(sock_dir)
+    assert res["error"] is not None, "a listener that cannot listen was made"
+    assert where in res["error"] and "Permission denied" in res["error"], res["error"]
+    assert res["dt"] < 1.0, f"it took {res['dt']:.2f} s to fail"
