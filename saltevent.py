@@ -723,7 +723,7 @@ def _ensure_sock_dir(sock_dir: str) -> None:
         link = os.lstat(sock_dir)
         info = os.stat(sock_dir)
     except OSError as exc:
-        raise BusClosedError(sock_dir, f"cannot use sock_dir: {exc.strerror}") from exc
+        raise BusClosedError(sock_dir, f"cannot use sock_dir: {exc.strerror}{_WAY_OUT}") from exc
     if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
         raise BusClosedError(sock_dir, f"sock_dir is a symbolic link owned by uid "
                                        f"{link.st_uid}, not by you (uid {me}): another user "
