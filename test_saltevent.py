@@ -2937,7 +2937,7 @@ def private_tmp(monkeypatch):
 
 
 @needs_root
-@pytest.mark.parametrize("planted", ["symlink", "directory"])
+@pytest.mark.parametrize("planted", ["symlink", "dangling-symlink", "directory"])
 def test_hardening_private_default_planted_by_another_user_is_refused(private_tmp, planted):
     """The private default sock_dir ($TMPDIR/saltevent-<uid>) planted by uid 65534 (a
     symlink to its own directory, or to nowhere, or the directory itself) is refused,
