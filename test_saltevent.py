@@ -3001,3 +3001,24 @@ def test_hardening_listener_that_can_neither_join_nor_elect_fails_at_once(sock_d
     assert res["error"] is not None, "a listener that cannot listen was made"
     assert where in res["error"] and "Permission denied" in res["error"], res["error"]
     assert res["dt"] < 1.0, f"it took {res['dt']:.2f} s to fail"
+
+
+def test_hardening_cli_listen_prints_whatever_the_api_delivers(held_bus):
+    """``saltevent listen`` prints every event the API returns, JSON-escaped, even data
+    holding a lone surrogate (valid JSON text, not valid UTF-8) or looking like a
+    control frame, and exits 0 after --count of them."""
+    listen = start_listen(held_bus, "--count", "3")
+    try:
+        with RawConn(bus_path(held_bus)) as conn:
+            conn.send(wire(E, b"odd/surrogate", b'{"s":"\\ud800","t":"caf\\u00e9"}')
+                      + event_frame("odd/control", {"ctl": "bye"})
+                      + event_frame("odd/control", {"ctl": "drop", "n": 99, "first": 1,
+                                                    "last": 99}))
+    finally:
+        rc, out, err = reap(listen)
+    assert rc == 0, err
+    assert out.splitlines() == [
+        'odd/surrogate\t{"s": "\\ud800", "t": "caf\\u00e9"}',
+        'odd/control\t{"ctl": "bye"}',
+        'odd/control\t{"ctl": "drop", "n": 99, "first": 1, "last": 99}',
+    ]
