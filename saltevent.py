@@ -1615,8 +1615,10 @@ class _Outbox:
             except (BlockingIOError, InterruptedError):
                 break
             except (BrokenPipeError, ConnectionResetError):
-                self._drop(peer, "")       # the client closed first: nothing to report
-                return
+                # The client stopped reading, or closed: what it sent is still to be
+                # read (and relayed), and then its end of file drops it.
+                self._discard_output(peer)
+                break
             except OSError as exc:
                 self._drop(peer, f"write failed: {exc}")
                 return
@@ -1644,6 +1646,17 @@ class _Outbox:
                     elif blk is peer.stats_pending:
                         peer.stats_pending = None
         self._watch(peer)
+
+    def _discard_output(self, peer: _Peer) -> None:
+        """Let go of everything queued for *peer*."""
+        for blk in peer.out:
+            if blk.count:
+                self._release(blk)
+            else:
+                self._ctl_held -= blk.size
+        peer.out.clear()
+        peer.out_bytes = peer.ctl_bytes = peer.head_off = 0
+        peer.notice = peer.stats_pending = None
 
     def _watch(self, peer: _Peer) -> None:
         """Select *peer* for reading unless paused, and for writing while it has output."""
@@ -2179,12 +2192,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 self._plain.pop(peer, None)
             else:
                 self._index.remove(peer, peer.filters)
-        for blk in peer.out:
-            if blk.count:
-                self._release(blk)
-            else:
-                self._ctl_held -= blk.size
-        peer.out.clear()
+        self._discard_output(peer)
         self._in_held -= peer.reader.held
         peer.reader.buf = None
         peer.reader.head = b""
