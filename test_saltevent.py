@@ -3003,6 +3003,20 @@ def test_hardening_listener_that_can_neither_join_nor_elect_fails_at_once(sock_d
     assert res["dt"] < 1.0, f"it took {res['dt']:.2f} s to fail"
 
 
+def test_hardening_fire_and_forget_clients_lose_nothing(sock_dir, listener, caplog):
+    """Raw clients that connect, send an event and close at once, without reading the
+    broker's hello, lose nothing: what a client sent before it went is relayed, even
+    when the broker's hello finds it gone."""
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    count = 200
+    for i in range(count):
+        with raw_client(bus_path(sock_dir)) as sock:
+            sock.sendall(event_frame("fire/forget", {"i": i}))
+    events = drain(listener, count, tag="fire/forget")
+    assert sorted(e["data"]["i"] for e in events) == list(range(count))
+    assert drop_reasons(caplog.text) == []
+
+
 def test_hardening_cli_listen_prints_whatever_the_api_delivers(held_bus):
     """``saltevent listen`` prints every event the API returns, JSON-escaped, even data
     holding a lone surrogate (valid JSON text, not valid UTF-8) or looking like a
