@@ -3036,3 +3036,244 @@ def test_hardening_cli_listen_prints_whatever_the_api_delivers(held_bus):
         'odd/control\t{"ctl": "bye"}',
         'odd/control\t{"ctl": "drop", "n": 99, "first": 1, "last": 99}',
     ]
+
+
+# The wire fuzz: rounds of concurrent hostile raw clients against a live broker, next to
+# a legit firer -> listener pair.  Each hostile client is a list of (bytes, pause) pieces
+# and what the broker must do with it: "clean" clients send only well-formed frames
+# (events with valid or malformed data), then close at once or wait for the broker to
+# close, and every event must be relayed; "close" clients end with a frame no client
+# may send and must be dropped; the others may go either way.
+
+FUZZ_ROUNDS = 40
+FUZZ_CLIENTS = 12                    # hostile clients per round
+FUZZ_LEGIT = 100                     # legit events per round
+FUZZ_TEXT = ["abc xyz/._-", "\x00\x01\x1f\x7f\n\t\"\\", "éüßø", "☃中文한",
+             "\U0001f600\U0010ffff", "\u2028\u2029\ufeff", "\ud800\udfff\udc80"]
+FORBIDDEN_CONTROLS = ["ok", "drop", "gap", "bye", "hello", "refused", "state", ""]
+
+
+def fuzz_bytes(rng, size):
+    return bytes(rng.getrandbits(8) for _ in range(size))
+
+
+def fuzz_text(rng, size):
+    """Random text, lone surrogates included (what os.fsdecode can make)."""
+    return "".join(rng.choice(rng.choice(FUZZ_TEXT)) for _ in range(size))
+
+
+def fuzz_value(rng, depth=0):
+    roll = rng.random()
+    if depth > 5 or roll < 0.5:
+        return rng.choice([None, True, False, rng.getrandbits(70) - (1 << 69),
+                           rng.uniform(-1e300, 1e300), fuzz_text(rng, rng.randrange(12))])
+    if roll < 0.75:
+        return [fuzz_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {fuzz_text(rng, rng.randrange(6)): fuzz_value(rng, depth + 1)
+            for _ in range(rng.randrange(5))}
+
+
+def fuzz_body(data):
+    """*data* as JSON, UTF-8 where it can be, else with \\udXXX escapes."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+def fuzz_tag(rng, prefix):
+    return prefix + fuzz_text(rng, rng.randrange(8)).encode("utf-8", "ignore").decode()
+
+
+def fuzz_malformed_body(rng):
+    """Event data a listener must skip: it is framed well, and starts and ends with braces."""
+    depth = rng.randrange(20_000, 120_000)
+    return rng.choice([
+        b'{"deep":' + b"[" * depth + b"]" * depth + b"}",
+        b'{"deep":' + b'{"d":' * depth + b"1" + b"}" * depth + b"}",
+        b'{"s":"' + bytes([0xED, rng.randrange(0xA0, 0xC0), rng.randrange(0x80, 0xC0)]) + b'"}',
+        b'{"s":"\xff\xfe\xc0\xaf"}',
+        b'{"a":1}{"b":2}',
+        b'{"a":}',
+        b"{\x01" + fuzz_bytes(rng, rng.randrange(40)) + b"}",
+    ])
+
+
+def fuzz_poison(rng):
+    """A frame (or bytes) that no client may send: the broker must drop the sender."""
+    big = saltevent.MAX_FRAME_BYTES
+    depth = rng.randrange(20_000, 32_000)
+    not_a_kind = rng.choice([k for k in range(256) if k not in (E, C, S)])
+    ctl = rng.choice(FORBIDDEN_CONTROLS + [fuzz_text(rng, 5)])
+    return rng.choice([
+        bytes([not_a_kind]) + fuzz_bytes(rng, rng.randrange(HDR.size - 1, 300)),
+        HDR.pack(E, 0, 1, big) + b"t",
+        HDR.pack(E, 0, 0, 2) + b"{}",
+        HDR.pack(E, rng.randrange(1, 256), 1, 2) + b"t{}",
+        HDR.pack(E, 0, 1, 1) + b"t{",
+        wire(E, b"t", b'[1,{"a":2}]'),
+        wire(E, b"bad\xed\xa0\x80tag", b"{}"),
+        wire(E, b"t\xff", b"{}"),
+        wire(S, b"", struct.pack("!Q", rng.getrandbits(64))),
+        wire(S, b"", b"\x00"),
+        control_frame({"ctl": ctl, "n": rng.getrandbits(32), "stats": {}, "epoch": "x"}),
+        wire(C, b"", b'{"ctl":"sub","x":' + b"[" * depth + b"]" * depth + b"}"),
+        wire(C, b"", b'{"ctl":"sub","x":"' + b"y" * (saltevent._MAX_CONTROL_BYTES) + b'"}'),
+        wire(C, b"t", b'{"ctl":"sub"}'),
+        wire(C, b"", b'["ctl","sub"]'),
+        wire(C, b"", b'{"ctl":7}'),
+        wire(C, b"", b'{"ctl":"sub"'),
+        control_frame({"ctl": "sub", "backlog": rng.choice(["lots", -1, 0, 1 << 63, 1.5])}),
+        control_frame({"ctl": "sub", "tags": rng.choice(["t", [1], ["t"] * 300, ["x" * 2000]])}),
+        control_frame({"ctl": "sub"}) + control_frame({"ctl": "sub"}),
+        bytes([not_a_kind]) + fuzz_bytes(rng, rng.randrange(0, 7)) + event_frame("t", {}),
+    ])
+
+
+def fuzz_pieces(rng, data):
+    """Split *data* at random points; some pieces are dripped with a pause after them."""
+    if rng.random() < 0.4:
+        return [(data, 0.0)]
+    cuts = sorted(rng.sample(range(1, max(2, len(data))), min(len(data) - 1,
+                                                             rng.randrange(1, 12))))
+    bounds = [0] + cuts + [len(data)]
+    return [(data[a:b], rng.choice([0.0, 0.0, 0.001, 0.005]))
+            for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def fuzz_client(rng, name):
+    """Return a hostile client: {kind, expect, pieces, valid {tag: data}, maybe {tag: data}}."""
+    kind = rng.choice(["clean", "clean", "close", "close", "truncated", "random", "listener"])
+    valid, maybe, frames = {}, {}, []
+    for k in range(rng.randrange(0, 6)):
+        if kind == "clean" and rng.random() < 0.3:
+            frames.append(wire(E, fuzz_tag(rng, f"fuzz/m/{name}/{k}/").encode(),
+                               fuzz_malformed_body(rng)))
+            continue
+        data = {"k": k, "v": fuzz_value(rng), fuzz_text(rng, 3): fuzz_text(rng, 8)}
+        tag = fuzz_tag(rng, f"fuzz/{'v' if kind == 'clean' else 'x'}/{name}/{k}/")
+        (valid if kind == "clean" else maybe)[tag] = json.loads(json.dumps(data))
+        frames.append(wire(E, tag.encode(), fuzz_body(data)))
+    if kind == "clean" and rng.random() < 0.3:
+        frames.insert(rng.randrange(len(frames) + 1), control_frame({"ctl": "stats"}))
+    if kind == "listener":
+        sub = {"ctl": "sub", "backlog": rng.choice([None, 1, 4096, 10 ** 15])}
+        if rng.random() < 0.5:
+            sub["tags"] = [fuzz_text(rng, 3).encode("utf-8", "ignore").decode()
+                           for _ in range(rng.randrange(1, 4))]
+        if rng.random() < 0.3:
+            sub["last"] = rng.randrange(1, 1000)
+        frames.insert(0, control_frame({k: v for k, v in sub.items() if v is not None}))
+    payload = b"".join(frames)
+    if kind == "close":
+        payload += fuzz_poison(rng)
+    elif kind == "truncated":
+        whole = event_frame("fuzz/cut", {"pad": "p" * rng.randrange(0, 300000)})
+        payload += whole[:rng.randrange(1, len(whole))]
+    elif kind == "random":
+        payload = fuzz_bytes(rng, rng.randrange(1, 5000))
+    if not payload:
+        payload = event_frame(f"fuzz/v/{name}/only", {})
+        valid[f"fuzz/v/{name}/only"] = {}
+    return {"kind": kind, "name": name, "pieces": fuzz_pieces(rng, payload), "valid": valid,
+            "maybe": maybe, "linger": rng.random() < 0.5}
+
+
+def run_fuzz_client(path, client, errors):
+    """Play *client* against the broker; record in *errors* what it did wrong."""
+    kind = client["kind"]
+    try:
+        with raw_client(path) as sock:
+            for piece, pause in client["pieces"]:
+                try:
+                    sock.sendall(piece)
+                except (BrokenPipeError, ConnectionResetError):
+                    if kind == "clean":
+                        errors.append(f"{client['name']} (clean) was dropped")
+                    return
+                if pause:
+                    time.sleep(pause)               # the drip's pace, not a synchronisation
+            if kind == "clean" and not client["linger"]:
+                return                               # fire and forget: nothing may be lost
+            if kind == "clean":
+                sock.shutdown(socket.SHUT_WR)        # the broker reads all, then closes
+            if kind in ("clean", "close") and not closed_by_peer(sock):
+                errors.append(f"{client['name']} ({kind}) was not closed by the broker")
+    except Exception as exc:                         # noqa: BLE001 - reported with the seed
+        errors.append(f"{client['name']} ({kind}): {exc!r}")
+
+
+def test_hardening_fuzz_the_wire(sock_dir, caplog):
+    """Seeded fuzz of the wire against a live broker (issue 8 section 8): random bytes,
+    truncated, oversized and misaligned frames, deep nesting in controls and in event
+    data, surrogates, controls no client may send, frames split and dripped, valid
+    frames mixed in, from concurrent hostile clients.  After each round the broker is
+    alive and within its bounds, the legit listener got every legit event in order
+    with nothing dropped, every relayed event with malformed data was skipped and
+    counted (``malformed``), every other one surfaced intact, clean clients' events
+    all arrived, and every client that sent a forbidden frame was dropped with a
+    reason.  Set SALTEVENT_FUZZ_SEED to replay a run."""
+    seed = int(os.environ.get("SALTEVENT_FUZZ_SEED") or time.time_ns() % (1 << 32))
+    print(f"SALTEVENT_FUZZ_SEED={seed}")
+    rng = random.Random(seed)
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    path = bus_path(sock_dir)
+    started = time.monotonic()
+    with MasterEvent(sock_dir) as listener, MasterEvent(sock_dir, listen=False) as firer:
+        assert firer.connect_pull(timeout=TIMEOUT)
+        broker = saltevent._brokers[path]
+        base_clients = broker_stats(path)["clients"]
+        legit_next = 0
+        for rnd in range(FUZZ_ROUNDS):
+            where = f"SALTEVENT_FUZZ_SEED={seed} round {rnd}"
+            clients = [fuzz_client(random.Random(rng.getrandbits(64)), f"{rnd}.{c}")
+                       for c in range(FUZZ_CLIENTS)]
+            before = broker_stats(path)
+            malformed_before = listener.malformed
+            drops_before = len(drop_reasons(caplog.text))
+            errors = []
+            threads = [threading.Thread(target=run_fuzz_client, args=(path, c, errors))
+                       for c in clients]
+            for thread in threads:
+                thread.start()
+            try:
+                fired = [firer.fire_event({"i": i}, "legit") for i in
+                         range(legit_next, legit_next + FUZZ_LEGIT)]
+            finally:
+                for thread in threads:
+                    join(thread)
+            assert fired == [True] * FUZZ_LEGIT, where
+            assert errors == [], f"{where}: {errors}"
+            wait_until(lambda: broker_stats(path)["clients"] == base_clients,
+                       what=f"the broker to close every hostile client ({where})")
+            assert firer.fire_event({"round": rnd}, "sentinel")
+            surfaced = drain(listener, 10 ** 6, until="sentinel")
+            after = broker_stats(path)
+            assert broker.is_running, where
+            legit = [e["data"]["i"] for e in surfaced if e["tag"] == "legit"]
+            assert legit == list(range(legit_next, legit_next + FUZZ_LEGIT)), where
+            legit_next += FUZZ_LEGIT
+            got = {e["tag"]: e["data"] for e in surfaced if e["tag"].startswith("fuzz/")}
+            assert not [t for t in got if t.startswith("fuzz/m/")], f"{where}: surfaced malformed"
+            valid = {t: d for c in clients for t, d in c["valid"].items()}
+            maybe = {t: d for c in clients for t, d in c["maybe"].items()}
+            assert {t: d for t, d in got.items() if t.startswith("fuzz/v/")} == valid, where
+            assert all(maybe.get(t) == d for t, d in got.items() if t.startswith("fuzz/x/")), where
+            assert set(got) <= set(valid) | set(maybe), f"{where}: {set(got) - set(valid)}"
+            relayed = after["events_in"] - before["events_in"]
+            skipped = listener.malformed - malformed_before
+            print(f"round {rnd}: {sorted(c['kind'] for c in clients)}, {relayed} relayed, "
+                  f"{len(surfaced)} surfaced, {skipped} malformed, "
+                  f"{len(drop_reasons(caplog.text)) - drops_before} dropped")
+            assert skipped == relayed - len(surfaced) - 1, (where, relayed, len(surfaced))
+            assert (listener.dropped, listener.gaps) == (0, 0), where
+            held, limits = after["held"], after["limits"]
+            assert held["input"] <= limits["input"] + saltevent._RECV_BYTES, (where, held)
+            assert held["control"] <= limits["control"], (where, held)
+            assert held["events"] <= limits["events"], (where, held)
+            closers = sum(c["kind"] == "close" for c in clients)
+            assert len(drop_reasons(caplog.text)) - drops_before >= closers, where
+        assert listener.fire_event({}, "still/alive")
+        assert listener.get_event(wait=TIMEOUT, tag="still/alive") is not None
+    elapsed = time.monotonic() - started
+    assert elapsed < 20.0, f"SALTEVENT_FUZZ_SEED={seed}: the fuzz took {elapsed:.1f} s"
