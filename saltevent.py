@@ -391,7 +391,7 @@ class _FrameReader:
         self.need = 0              # size of the buffer that head waits for, if any
         self.max_frame = max_frame
         self.eof = False
-        self.since = 0.0           # monotonic time the unfinished frame last grew
+        self.since = 0.0           # monotonic time the unfinished frame began
 
     @property
     def held(self) -> int:
@@ -407,7 +407,6 @@ class _FrameReader:
                 self.eof = True
                 return []
             self.got += n
-            self.since = time.monotonic()
             if self.got < len(buf):
                 return []
             self.buf = None
@@ -469,8 +468,9 @@ class _FrameReader:
             self.head = b""
             self.need = 0
         else:
+            if off or not self.head:       # a new frame begins (not more of the last one)
+                self.since = time.monotonic()
             self.head = data[off:]
-            self.since = time.monotonic()
             self.need = 0
             if size - off >= _HDR_SIZE:
                 total = end - off
@@ -766,7 +766,7 @@ def _ensure_sock_dir(sock_dir: str) -> None:
         link = os.lstat(sock_dir)
         info = os.stat(sock_dir)
     except OSError as exc:
-        raise BusClosedError(sock_dir, f"cannot use sock_dir: {exc.strerror}") from exc
+        raise BusClosedError(sock_dir, f"cannot use sock_dir: {exc.strerror}{_WAY_OUT}") from exc
     if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
         raise BusClosedError(sock_dir, f"sock_dir is a symbolic link owned by uid "
                                        f"{link.st_uid}, not by you (uid {me}): another user "
@@ -1297,10 +1297,11 @@ class _Intake:
         self._partial.add(peer)
         if peer.paused:
             peer.paused = False
+            reader.since = time.monotonic()    # time spent paused is not the client's
             self._watch(peer)
         return True
 
-    def _make_room(self, peer: _Peer, size: int) -> bool:
+    def _make_room(self, peer: _Peer | None, size: int) -> bool:
         """Return True if *size* more bytes fit the input budget, evicting clients that
         have sat on an unfinished frame for ``_EVICT_AGE`` or more to make room."""
         if self._in_held + size <= _INPUT_BUDGET:
@@ -1329,6 +1330,7 @@ class _Intake:
             peer = paused.popleft()
             if peer.alive and peer.paused:
                 peer.paused = False
+                peer.reader.since = time.monotonic()
                 self._watch(peer)
 
     def _on_frames(self, peer: _Peer, frames: list) -> None:
@@ -1673,8 +1675,10 @@ class _Outbox:
             except (BlockingIOError, InterruptedError):
                 break
             except (BrokenPipeError, ConnectionResetError):
-                self._drop(peer, "")       # the client closed first: nothing to report
-                return
+                # The client stopped reading, or closed: what it sent is still to be
+                # read (and relayed), and then its end of file drops it.
+                self._discard_output(peer)
+                break
             except OSError as exc:
                 self._drop(peer, f"write failed: {exc}")
                 return
@@ -1704,6 +1708,17 @@ class _Outbox:
         if not out:
             peer.out = _NO_OUTPUT          # an idle peer holds no queue
         self._watch(peer)
+
+    def _discard_output(self, peer: _Peer) -> None:
+        """Let go of everything queued for *peer*."""
+        for blk in peer.out:
+            if blk.count:
+                self._release(blk)
+            else:
+                self._ctl_held -= blk.size
+        peer.out = _NO_OUTPUT
+        peer.out_bytes = peer.ctl_bytes = peer.head_off = 0
+        peer.notice = peer.stats_pending = None
 
     def _watch(self, peer: _Peer) -> None:
         """Select *peer* for reading unless paused, and for writing while it has output."""
@@ -1932,8 +1947,14 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._listen_sock = election.sock
         self._lock_fd = election.lock_fd
         self._ident = election.ident
+        self._ring = _Ring(_non_negative_int(settings, "saltevent_ring_events"),
+                           _non_negative_int(settings, "saltevent_ring_bytes"))
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
+        try:
+            self._wake_r, self._wake_w = socket.socketpair()
+        except BaseException:
+            self._selector.close()
+            raise
         self._peers: dict = {}                 # every connection
         self._plain: dict = {}                 # listeners that want every event
         self._index = _TagIndex()              # listeners that declared tags
@@ -1957,8 +1978,6 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._idle_since = time.monotonic()
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self._drops = 0
-        self._ring = _Ring(_non_negative_int(settings, "saltevent_ring_events"),
-                           _non_negative_int(settings, "saltevent_ring_bytes"))
         self._resuming: set = set()            # listener ids the predecessor handed over
         self._handed_drops: dict = {}
         state = election.state
@@ -2133,8 +2152,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             log.warning(msg, *args)
 
     def _timers(self) -> None:
-        """Check paths, resume accepting, drop stalled frames, end the grace.  Runs on the
-        broker thread."""
+        """Check paths, resume accepting, drop stalled frames, evict old ones for paused
+        clients, end the grace.  Runs on the broker thread."""
         now = time.monotonic()
         self._next_check = now + _PATH_CHECK_INTERVAL
         if self._accept_paused_until and now >= self._accept_paused_until:
@@ -2144,6 +2163,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         for peer in [p for p in self._partial
                      if not p.paused and now - p.reader.since > _FRAME_STALL]:
             self._drop(peer, f"left a frame unfinished for {_FRAME_STALL:g} s")
+        if self._paused and self._make_room(None, _BIG_FRAME):
+            self._resume_paused()          # frames held too long were evicted for them
         if self._ring.grace_until and now >= self._ring.grace_until:
             self._ring.end_grace(self._release)
         if self._peers:
@@ -2230,12 +2251,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 self._plain.pop(peer, None)
             else:
                 self._index.remove(peer, peer.filters)
-        for blk in peer.out:
-            if blk.count:
-                self._release(blk)
-            else:
-                self._ctl_held -= blk.size
-        peer.out = _NO_OUTPUT
+        self._discard_output(peer)
         self._in_held -= peer.reader.held
         peer.reader.buf = None
         peer.reader.head = b""
