@@ -163,7 +163,9 @@ _EVICT_AGE = 1.0                       # seconds before an unfinished frame may 
 _WARN_INTERVAL = 10.0                  # seconds between repeats of one broker warning
 _RECV_BYTES = 256 << 10                # bytes per recv()
 _BIG_FRAME = 64 << 10                  # bytes: a frame this large gets a buffer of its own
+_SCRATCH_BYTES = _RECV_BYTES + _BIG_FRAME  # the broker's receive buffer: a read and a head
 _IOV_MAX = 512                         # buffers per sendmsg()
+_SEND_BYTES = 256 << 10                # bytes offered to one sendmsg(), about a socket's fill
 _INPUT_BUDGET = 40 << 20               # bytes of unfinished frames held for all clients
 _CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all clients
 _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
@@ -183,6 +185,7 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 #: where shutdown(SHUT_RD) makes a peer's later send fail (EPIPE) and keeps what it sent
 _SHUT_RD_REFUSES = sys.platform.startswith("linux")
+_sched_yield = getattr(os, "sched_yield", None)
 
 _DEFAULT_OPTS = {
     "hash_type": "sha256",
@@ -398,8 +401,13 @@ class _FrameReader:
         """Bytes held for an unfinished frame."""
         return len(self.buf) if self.buf is not None else len(self.head)
 
-    def read(self, sock: socket.socket, limit: int = _RECV_BYTES) -> list:
-        """Receive at most *limit* bytes once; return the frames completed."""
+    def read(self, sock: socket.socket, limit: int = _RECV_BYTES,
+             scratch: bytearray | None = None) -> list:
+        """Receive at most *limit* bytes once; return the frames completed.
+
+        With *scratch* (a buffer of at least ``_SCRATCH_BYTES``, reused from read to
+        read: the caller copies out what it keeps) nothing is allocated per read.
+        """
         buf = self.buf
         if buf is not None:
             n = sock.recv_into(memoryview(buf)[self.got:], min(limit, len(buf) - self.got))
@@ -412,6 +420,15 @@ class _FrameReader:
             self.buf = None
             self.got = 0
             return self._parse(buf)
+        if scratch is not None:
+            head = self.head
+            if head:
+                scratch[:len(head)] = head
+            n = sock.recv_into(memoryview(scratch)[len(head):], limit)
+            if not n:
+                self.eof = True
+                return []
+            return self._parse(scratch, len(head) + n)
         chunk = sock.recv(limit)
         if not chunk:
             self.eof = True
@@ -427,9 +444,10 @@ class _FrameReader:
         buf[:len(head)] = head
         self.buf, self.got, self.head, self.need = buf, len(head), b"", 0
 
-    def _parse(self, data: Any) -> list:
+    def _parse(self, data: Any, size: int | None = None) -> list:
         frames = []
-        size = len(data)
+        if size is None:
+            size = len(data)
         off = 0
         unpack = _HDR.unpack_from
         while size - off >= _HDR_SIZE:
@@ -470,7 +488,7 @@ class _FrameReader:
         else:
             if off or not self.head:       # a new frame begins (not more of the last one)
                 self.since = time.monotonic()
-            self.head = data[off:]
+            self.head = bytes(memoryview(data)[off:size])
             self.need = 0
             if size - off >= _HDR_SIZE:
                 total = end - off
@@ -1267,7 +1285,7 @@ class _Intake:
         reader = peer.reader
         held = reader.held
         try:
-            frames = reader.read(peer.sock, limit)
+            frames = reader.read(peer.sock, limit, self._scratch)
         except (BlockingIOError, InterruptedError):
             return False
         except ConnectionResetError:
@@ -1336,21 +1354,27 @@ class _Intake:
     def _on_frames(self, peer: _Peer, frames: list) -> None:
         """Decide what each frame of *peer* may do: events are relayed, a client's controls
         answered, anything else drops the client.  Runs on the broker thread."""
-        tags = []
-        ends = []
+        filtered = bool(self._index)       # only they need each frame's tag and end
+        tags = [] if filtered else None
+        ends = [] if filtered else None
         run = None
+        count = last = 0
         for kind, tag, data, start, _body, end in frames:
             if kind == _EVENT:
                 if run is None:
                     run = start
-                tags.append(tag)
-                ends.append(end)
+                count += 1
+                last = end
+                if filtered:
+                    tags.append(tag)
+                    ends.append(end)
                 continue
             if run is not None:
-                self._publish(peer, data, run, tags, ends)
+                self._publish(peer, data, run, last, count, tags, ends)
                 run = None
-                tags = []
-                ends = []
+                count = 0
+                tags = [] if filtered else None
+                ends = [] if filtered else None
             if kind == _MARK:
                 self._drop(peer, "sent a sequence mark (only the broker numbers events)")
                 return
@@ -1362,7 +1386,7 @@ class _Intake:
             if not peer.alive:
                 return
         if run is not None:
-            self._publish(peer, frames[-1][2], run, tags, ends)
+            self._publish(peer, frames[-1][2], run, last, count, tags, ends)
 
     def _control(self, peer: _Peer, msg: dict) -> None:
         """Answer one control frame a client may send.  Runs on the broker thread."""
@@ -1499,12 +1523,15 @@ class _Listeners:
             "ctl": "gap", "reason": reason, "epoch": self.epoch, "first": first,
             "last": last, "n": count}))
 
-    def _publish(self, peer: _Peer, data: Any, start: int, tags: list, ends: list) -> None:
-        """Number the event frames ``data[start:ends[-1]]`` and queue them for every
-        listener that wants them, and the ring.  Runs on the broker thread."""
-        end = ends[-1]
-        payload = data if start == 0 and end == len(data) else data[start:end]
-        count = len(tags)
+    def _publish(self, peer: _Peer, data: Any, start: int, end: int, count: int,
+                 tags: list | None, ends: list | None) -> None:
+        """Number the *count* event frames ``data[start:end]`` and queue them for every
+        listener that wants them, and the ring.  *tags* and *ends* (each frame's) are
+        there when some listeners declared tags.  Runs on the broker thread."""
+        if data is self._scratch or start or end != len(data):
+            payload = bytes(memoryview(data)[start:end])   # the scratch is reused
+        else:
+            payload = data                      # a big frame, in a buffer of its own
         first = self.seq + 1
         self.seq += count
         mark = _SEQ_MARK.pack(_MARK, 0, 0, _SEQ.size, first)
@@ -1516,7 +1543,7 @@ class _Listeners:
         enqueue = self._enqueue
         for listener in self._plain:
             enqueue(listener, blk)
-        if self._index:
+        if tags is not None:
             self._publish_filtered(blk, payload, start, tags, ends)
         ring = self._ring
         if ring.max_events and ring.max_bytes:
@@ -1655,15 +1682,17 @@ class _Outbox:
         while out:
             if len(out) == 1 and not peer.head_off:
                 bufs = out[0].bufs
+                offered = out[0].size
             else:
                 bufs = []
-                count = 0
+                offered = 0                # what a socket can take at once is enough
                 for blk in out:
                     bufs.extend(blk.bufs)
-                    count += len(blk.bufs)
-                    if count >= _IOV_MAX:
+                    offered += blk.size
+                    if offered >= _SEND_BYTES or len(bufs) >= _IOV_MAX:
                         break
                 skip = peer.head_off
+                offered -= skip
                 while skip:
                     if skip >= len(bufs[0]):
                         skip -= len(bufs.pop(0))
@@ -1684,6 +1713,7 @@ class _Outbox:
                 return
             peer.bytes_out += sent
             self.bytes_out += sent
+            full = sent < offered              # the socket is full: try again when writable
             sent += peer.head_off
             peer.head_off = 0
             while sent:
@@ -1705,6 +1735,8 @@ class _Outbox:
                         peer.notice = None
                     elif blk is peer.stats_pending:
                         peer.stats_pending = None
+            if full:
+                break
         if not out:
             peer.out = _NO_OUTPUT          # an idle peer holds no queue
         self._watch(peer)
@@ -1961,6 +1993,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._partial: set = set()             # peers holding an unfinished frame
         self._paused: collections.deque = collections.deque()
         self._dirty: set = set()
+        self._scratch = bytearray(_SCRATCH_BYTES)   # every read lands here first
         self._stopping = threading.Event()
         self._thread = None
         self._error = None
@@ -2116,8 +2149,10 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         """Dispatch readiness until stop().  Runs on the broker thread."""
         select_ = self._selector.select
         dirty = self._dirty
+        now = time.monotonic()
+        events_in = 0
         while not self._stopping.is_set():
-            timeout = self._next_check - time.monotonic()
+            timeout = self._next_check - now
             for key, mask in select_(timeout if timeout > 0 else 0):
                 peer = key.data
                 if peer is None:
@@ -2134,7 +2169,13 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                     if peer.alive:
                         self._flush(peer)
                 dirty.clear()
-            if time.monotonic() >= self._next_check:
+            if self.events_in != events_in and _sched_yield is not None:
+                # Events came and went out: let their firers (and listeners) run before
+                # this thread sleeps, so the next wake-up finds more to do at once.
+                events_in = self.events_in
+                _sched_yield()
+            now = time.monotonic()
+            if now >= self._next_check:
                 self._timers()
 
     def _drain_wake(self) -> None:
@@ -3132,6 +3173,9 @@ class _Listening(_EventBase):
         ]
 
 
+_tag_cache: dict = {}                  # tag -> its UTF-8 bytes, for the tags fired before
+
+
 class _Firing(_EventBase):
     """The firing side: its connection, framing an event, sending it whole."""
 
@@ -3268,16 +3312,24 @@ class _Firing(_EventBase):
 
     def _frame(self, data: Mapping, tag: str) -> bytes:
         """Validate, stamp, trim and encode one event (the caller's dict is not changed)."""
-        if not isinstance(tag, str):
-            raise TypeError(f"tag must be a str, not {type(tag).__name__}")
-        if not tag:
-            raise ValueError("Empty tag.")
+        raw_tag = _tag_cache.get(tag) if tag.__class__ is str else None
+        if raw_tag is None:
+            if not isinstance(tag, str):
+                raise TypeError(f"tag must be a str, not {type(tag).__name__}")
+            if not tag:
+                raise ValueError("Empty tag.")
+            raw_tag = _encode_tag(tag)
+            if len(_tag_cache) >= 1024:
+                _tag_cache.clear()
+            _tag_cache[tag] = raw_tag
         if data.__class__ is not dict and not isinstance(data, Mapping):
             raise ValueError(f"Dict object expected, not '{data}'.")
-        raw_tag = _encode_tag(tag)
         data = dict(data)
         data["_stamp"] = _stamp()
-        body = _encode_body(data)
+        try:
+            body = _json_encode(data).encode()
+        except (TypeError, ValueError, RecursionError, UnicodeEncodeError):
+            body = _encode_body(data)           # it says what is wrong, or escapes
         limit = self._max_event_size
         if limit and _too_big(body, limit):
             trimmed = _trim(data, limit)
