@@ -2524,9 +2524,14 @@ if hasattr(os, "register_at_fork"):
 # -- Client core --------------------------------------------------------------
 #
 # The client's I/O is written once, as generators of "steps": a step is a float
-# (sleep that many seconds) or ``(sock, write, timeout)`` (wait until the socket is
-# readable or writable; the generator is sent True, or False on timeout).  The
-# sync API runs them with _drive(); the asyncio face with _drive_async().
+# (sleep that many seconds; _YIELD_STEP: only let other processes run first) or
+# ``(sock, write, timeout)`` (wait until the socket is readable or writable; the
+# generator is sent True, or False on timeout).  The sync API runs them with
+# _drive(); the asyncio face with _drive_async().
+
+
+#: A step that gives the CPU away once (sched_yield) instead of sleeping.
+_YIELD_STEP = -1.0
 
 
 def _drive(steps: Iterator, wake: threading.Event | None = None) -> Any:
@@ -2538,6 +2543,11 @@ def _drive(steps: Iterator, wake: threading.Event | None = None) -> Any:
     try:
         step = next(steps)
         while True:
+            if step is _YIELD_STEP:
+                if _sched_yield is not None:
+                    _sched_yield()
+                step = steps.send(None)
+                continue
             if step.__class__ is float:
                 if wake is None:
                     time.sleep(step)
@@ -2881,8 +2891,13 @@ class _Listening(_EventBase):
                     remaining = _remaining(deadline)
                     if remaining is not None and remaining <= 0:
                         return False
+                    if self._streaming:        # events kept coming: let the broker
+                        self._streaming = False    # run before sleeping, then look again
+                        yield _YIELD_STEP
+                        continue
                     yield (conn.sock, False, remaining)
                     continue
+                self._streaming = True
                 if self._events:
                     return True
             except (SaltEventError, OSError) as exc:
@@ -3561,7 +3576,7 @@ class _AsyncFace(_EventBase):
             step = next(steps)
             while True:
                 if step.__class__ is float:
-                    await asyncio.sleep(step)
+                    await asyncio.sleep(max(step, 0.0))
                     if self._gen != gen:
                         step = steps.throw(BusClosedError(self._bus.path,
                                                           "the event object was destroyed"))
@@ -3878,6 +3893,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._warn_after = 0.0
         self._bad_warn_after = 0.0
         self._resume_from = None               # (seq, epoch) to resume after, if any
+        self._streaming = False                # the last read brought events
         self._on_gap = None                    # called with each Gap (the CLI prints it)
         self._lid = os.urandom(8).hex()
         self._match_type = self.opts.get("event_match_type") or "startswith"
