@@ -2953,19 +2953,32 @@ class _Listening(_EventBase):
     def _decoded(self, tag: str, body: Any, seq: int) -> dict | None:
         """Return the full event of a queued one, or None (counted, logged) if its data
         cannot be decoded."""
-        try:
-            data = _decode_data(body)
-        except FrameError as exc:
-            self.malformed += 1
-            now = time.monotonic()
-            if now >= self._bad_warn_after:
-                self._bad_warn_after = now + 1.0
-                log.warning("Event with bad payload received from '%s': %s (%d skipped)",
-                            tag, exc, self.malformed)
+        try:                                   # _decode_data's common case, inline
+            text = body.decode() if body.__class__ is bytes else str(body, "utf-8")
+            data, end = _scan_once(text, 0)
+            good = end == len(text) and data.__class__ is dict
+        except (ValueError, StopIteration, RecursionError):
+            good = False
+        if not good:
+            self._malformed(tag, body)
             return None
         if self._seq_keys:
             return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
         return {"data": data, "tag": tag}       # Salt's key order
+
+    def _malformed(self, tag: str, body: Any) -> None:
+        """Count and log (once a second at most) an event whose data cannot be decoded."""
+        try:
+            _decode_data(body)
+            reason = "frame body is not one JSON object"
+        except FrameError as exc:
+            reason = str(exc)
+        self.malformed += 1
+        now = time.monotonic()
+        if now >= self._bad_warn_after:
+            self._bad_warn_after = now + 1.0
+            log.warning("Event with bad payload received from '%s': %s (%d skipped)",
+                        tag, reason, self.malformed)
 
     def _check_pending(self, tag: str, match: Callable) -> dict | None:
         """Return the first cached event matching *tag*.
@@ -2995,6 +3008,7 @@ class _Listening(_EventBase):
         subscribed ones on the way."""
         events = self._events
         pending_tags = self.pending_tags
+        every = not tag and match is _match_startswith
         while events:
             etag, body, seq = events.popleft()
             if etag is None:
@@ -3002,7 +3016,7 @@ class _Listening(_EventBase):
                 if gap is not None:
                     return gap
                 continue
-            if match(etag, tag):
+            if every or match(etag, tag):
                 event = self._decoded(etag, body, seq)
                 if event is not None:
                     self.last_seq = seq
@@ -3094,7 +3108,7 @@ class _Listening(_EventBase):
         :raises BusClosedError: on a broken bus with ``raise_errors``.
         :raises ValueError: for an unknown *match_type*.
         """
-        match = _get_matcher(match_type or self._match_type)
+        match = _get_matcher(match_type) if match_type else self._match
         event = None
         if self._events and not self.pending_events:     # the fast path: one queued
             event = self._take(tag, match)
@@ -3897,7 +3911,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._on_gap = None                    # called with each Gap (the CLI prints it)
         self._lid = os.urandom(8).hex()
         self._match_type = self.opts.get("event_match_type") or "startswith"
-        _get_matcher(self._match_type)
+        self._match = _get_matcher(self._match_type)
         self._max_event_size = self.opts.get("max_event_size") or 0
         self._read_listener_opts()
         given_dir = sock_dir or self.opts.get("sock_dir")
