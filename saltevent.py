@@ -4140,26 +4140,28 @@ class _Direction:
         self.forwarded = self.filtered = self.failed = self.echoes = 0
         self.missed = self.gaps = 0
         self.receive = self.send = None        # set by Bridge.run()
+        self.reset = None                      # drops the far side's stale connection
+        self.outages_seen = 0
 
     def counters(self) -> dict:
         return {"forwarded": self.forwarded, "filtered": self.filtered, "failed": self.failed,
                 "echoes": self.echoes, "missed": self.missed, "held": len(self.held)}
 
 
-def _salt_pub_address(opts: Mapping, node: str) -> tuple:
-    """Return ``(family, address)`` of the publisher a Salt listener of *node* connects
-    to, as ``salt.transport.base.ipc_publish_client`` works it out."""
+def _salt_pull_address(opts: Mapping, node: str) -> tuple:
+    """Return ``(family, address)`` of the socket Salt's firers send to on the bus of
+    *node* (its publisher binds it last), as ``salt.transport.base`` works it out."""
     if opts.get("ipc_mode") == "tcp":
         host = "::1" if opts.get("ipv6") else "127.0.0.1"
-        port = opts["tcp_master_pub_port" if node == "master" else "tcp_pub_port"]
+        port = opts["tcp_master_pull_port" if node == "master" else "tcp_pull_port"]
         family = socket.AF_INET6 if opts.get("ipv6") else socket.AF_INET
         return family, (host, int(port))
     if node == "master":
-        return socket.AF_UNIX, os.path.join(opts["sock_dir"], "master_event_pub.ipc")
+        return socket.AF_UNIX, os.path.join(opts["sock_dir"], "master_event_pull.ipc")
     import hashlib
     minion_id = opts.get("hash_id", opts["id"])
     id_hash = hashlib.new(opts["hash_type"], str(minion_id).encode()).hexdigest()[:10]
-    return socket.AF_UNIX, os.path.join(opts["sock_dir"], f"minion_event_{id_hash}_pub.ipc")
+    return socket.AF_UNIX, os.path.join(opts["sock_dir"], f"minion_event_{id_hash}_pull.ipc")
 
 
 def _salt_node_of(path: str) -> str:
@@ -4311,7 +4313,8 @@ class Bridge:
         self._ran = False                      # True once forwarding began
         self._error = None
         self._probe_at = 0.0
-        self._salt_pub = None
+        self._prober = None                    # the direction that watches Salt's publisher
+        self._salt_pull = None
         self._objects = []
 
     def __repr__(self) -> str:
@@ -4403,7 +4406,7 @@ class Bridge:
         config, salt_event = _import_salt()
         salt_opts = self._salt_side(config)
         node = self.salt_node
-        self._salt_pub = _salt_pub_address(salt_opts, node)
+        self._salt_pull = _salt_pull_address(salt_opts, node)
         se_opts = dict(self.opts)
         if self.node != "master" and not se_opts.get("id") and salt_opts.get("id"):
             se_opts["id"] = salt_opts["id"]
@@ -4417,7 +4420,7 @@ class Bridge:
                                     raise_errors=True))
         if self.bridge_id is None:
             import hashlib
-            where = f"{se_firer._bus.path}\0{node}\0{self._salt_pub[1]}".encode()
+            where = f"{se_firer._bus.path}\0{node}\0{self._salt_pull[1]}".encode()
             self.bridge_id = f"{socket.gethostname()}:{hashlib.sha256(where).hexdigest()[:8]}"
         self.saltevent_bus.name = f"saltevent {self.node} bus {se_firer._bus.path}"
         self.salt_bus.name = f"salt {node} bus {salt_dir}"
@@ -4431,13 +4434,16 @@ class Bridge:
                 wait=timeout, no_block=timeout <= 0, full=True, auto_reconnect=True)
             self.to_salt.send = (salt_firer.fire_event if node == "master"
                                  else salt_firer.fire_master)
+            self.to_salt.reset = salt_firer.destroy          # Salt's objects reconnect
             threads.append(self.to_salt)
         if self.from_salt.patterns:
             salt_listener = opened(salt_event.get_event(node, salt_dir, opts=salt_opts,
                                                         listen=True))
-            self.from_salt.receive = lambda timeout: self._salt_receive(salt_listener, timeout)
+            self.from_salt.receive = lambda timeout: salt_listener.get_event(
+                wait=timeout, no_block=timeout <= 0, full=True)
             self.from_salt.send = se_firer.fire_event
             threads.append(self.from_salt)
+        self._prober = threads[-1]
         log.info("bridge %s: saltevent %s bus %s <-> salt %s bus %s; %s", self.bridge_id,
                  self.node, se_firer._bus.path, node, salt_dir, "; ".join(
                      f"{d.name} {' '.join(d.patterns)}" for d in threads))
@@ -4459,28 +4465,29 @@ class Bridge:
 
     # -- moving events (each direction on its own thread)
 
-    def _salt_receive(self, listener: Any, timeout: float) -> dict | None:
-        """Return the next Salt event or None; while quiet, check Salt's publisher once a
-        second, since Salt's listener reconnects silently.  Runs on the salt->saltevent thread."""
-        event = listener.get_event(wait=timeout, no_block=timeout <= 0, full=True)
+    def _watch_salt(self, got_salt_event: bool) -> None:
+        """Notice Salt's publisher coming and going: Salt's listener reconnects silently
+        and its firer fails only when used, so while quiet try its socket once a second.
+        Runs on one direction's thread (salt->saltevent's when it runs)."""
         now = time.monotonic()
-        if event is not None:
+        if got_salt_event:
             self.salt_bus.up()
             self._probe_at = now + _BRIDGE_PROBE
-        elif now >= self._probe_at:
-            self._probe_at = now + _BRIDGE_PROBE
-            family, address = self._salt_pub
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(_BRIDGE_PROBE)
-                sock.connect(address)
-            except OSError as exc:
-                self.salt_bus.down(f"cannot connect to {address}: {exc.strerror or exc}")
-            else:
-                self.salt_bus.up()
-            finally:
-                sock.close()
-        return event
+            return
+        if now < self._probe_at:
+            return
+        self._probe_at = now + _BRIDGE_PROBE
+        family, address = self._salt_pull
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_BRIDGE_PROBE)
+            sock.connect(address)
+        except OSError as exc:
+            self.salt_bus.down(f"cannot connect to {address}: {exc.strerror or exc}")
+        else:
+            self.salt_bus.up()
+        finally:
+            sock.close()
 
     def _pump(self, d: _Direction) -> None:
         """Move events through *d* until stopped, then flush.  Runs on d's thread."""
@@ -4491,7 +4498,10 @@ class Bridge:
                 timeout = _BRIDGE_POLL
                 if d.held:
                     timeout = min(timeout, max(0.0, d.retry_at - time.monotonic()))
-                self._take(d, d.receive(timeout))
+                event = d.receive(timeout)
+                if d is self._prober:
+                    self._watch_salt(event is not None and d is self.from_salt)
+                self._take(d, event)
             self._flush(d)
         except Exception as exc:               # a bug: stop the bridge, and say so
             log.exception("bridge %s stopped on an error", d.name)
@@ -4545,6 +4555,9 @@ class Bridge:
 
     def _deliver(self, d: _Direction) -> bool:
         """Send what *d* holds, in order; False when the far bus is down (retry later)."""
+        if d.reset is not None and d.outages_seen != d.far.outages:
+            d.outages_seen = d.far.outages     # after an outage, connect afresh
+            d.reset()
         while d.held:
             tag, data = d.held[0]
             try:
