@@ -4098,10 +4098,12 @@ class BridgeError(SaltEventError):
 
 class _Link:
     """One bus as the bridge sees it, up or down; each outage is logged once, whichever
-    direction's thread notices it."""
+    direction's thread notices it.  A *probed* bus is not sent to while it is down:
+    the bridge's check of its socket says when it is back."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, probed: bool = False):
         self.name = name
+        self.probed = probed
         self.outages = 0
         self._down_since = None
         self._lock = threading.Lock()          # guards outages and _down_since
@@ -4122,6 +4124,15 @@ class _Link:
             since, self._down_since = self._down_since, None
         if since is not None:
             log.warning("%s is back after %.1f s", self.name, time.monotonic() - since)
+
+    @property
+    def is_down(self) -> bool:
+        return self._down_since is not None
+
+    @property
+    def waits(self) -> bool:
+        """True while nothing should be sent to this bus."""
+        return self.probed and self._down_since is not None
 
 
 class _Direction:
@@ -4301,7 +4312,7 @@ class Bridge:
         self.sock_dir = sock_dir
         self.bridge_id = bridge_id
         self.flush_timeout = float(flush_timeout)
-        self.salt_bus = _Link(f"salt {self.salt_node} bus")
+        self.salt_bus = _Link(f"salt {self.salt_node} bus", probed=True)
         self.saltevent_bus = _Link(f"saltevent {self.node} bus")
         self.to_salt = _Direction("saltevent->salt", patterns[0], self.salt_bus, hold)
         self.from_salt = _Direction("salt->saltevent", patterns[1], self.saltevent_bus, hold)
@@ -4364,12 +4375,16 @@ class Bridge:
             self._started = True
         try:
             threads = self._start()
-            last = None
-            while not self._stop.wait(_BRIDGE_REPORT):
-                now = self.counters()
-                if now != last:
-                    log.info("counters: %s", self._summary())
-                    last = now
+            last, log_at = None, time.monotonic() + _BRIDGE_REPORT
+            # Short waits: a signal that lands on another thread runs its Python handler
+            # (SIGTERM's stop(), SIGUSR1's report) only when this thread wakes.
+            while not self._stop.wait(_BRIDGE_POLL):
+                if time.monotonic() >= log_at:
+                    log_at += _BRIDGE_REPORT
+                    now = self.counters()
+                    if now != last:
+                        log.info("counters: %s", self._summary())
+                        last = now
             for thread in threads:
                 thread.join(self.flush_timeout + 3 * _BRIDGE_POLL + 5.0)
                 if thread.is_alive():
@@ -4473,10 +4488,12 @@ class Bridge:
         if got_salt_event:
             self.salt_bus.up()
             self._probe_at = now + _BRIDGE_PROBE
-            return
-        if now < self._probe_at:
-            return
-        self._probe_at = now + _BRIDGE_PROBE
+        elif now >= self._probe_at:
+            self._probe_at = now + _BRIDGE_PROBE
+            self._probe_salt()
+
+    def _probe_salt(self) -> bool:
+        """Connect to the socket Salt's firers use; mark the Salt bus up or down."""
         family, address = self._salt_pull
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -4484,19 +4501,21 @@ class Bridge:
             sock.connect(address)
         except OSError as exc:
             self.salt_bus.down(f"cannot connect to {address}: {exc.strerror or exc}")
-        else:
-            self.salt_bus.up()
+            return False
         finally:
             sock.close()
+        self.salt_bus.up()
+        return True
 
     def _pump(self, d: _Direction) -> None:
         """Move events through *d* until stopped, then flush.  Runs on d's thread."""
         try:
             while not self._stop.is_set():
-                if d.held and time.monotonic() >= d.retry_at:
-                    self._deliver(d)
+                sending = d.held and not d.far.waits
+                if sending and time.monotonic() >= d.retry_at:
+                    sending = not self._deliver(d)
                 timeout = _BRIDGE_POLL
-                if d.held:
+                if sending:
                     timeout = min(timeout, max(0.0, d.retry_at - time.monotonic()))
                 event = d.receive(timeout)
                 if d is self._prober:
@@ -4556,7 +4575,7 @@ class Bridge:
     def _deliver(self, d: _Direction) -> bool:
         """Send what *d* holds, in order; False when the far bus is down (retry later)."""
         if d.reset is not None and d.outages_seen != d.far.outages:
-            d.outages_seen = d.far.outages     # after an outage, connect afresh
+            d.outages_seen = d.far.outages     # the bus is back: connect afresh
             d.reset()
         while d.held:
             tag, data = d.held[0]
@@ -4588,11 +4607,9 @@ class Bridge:
             if event is None:
                 break
             self._take(d, event)
-        while d.held and not self._deliver(d):
-            pause = min(d.retry_at, deadline) - time.monotonic()
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(max(pause, 0.0))
+        while d.held and time.monotonic() < deadline:
+            if d.far.waits and not self._probe_salt() or not self._deliver(d):
+                time.sleep(min(_BRIDGE_RETRY, max(0.0, deadline - time.monotonic())))
         if d.held:
             d.failed += len(d.held)
             log.warning("%s: %d events held for the %s were not forwarded", d.name,

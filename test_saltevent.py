@@ -5103,10 +5103,11 @@ class SaltPublisher:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
             try:
-                return proc.wait(TIMEOUT)
+                rc = proc.wait(TIMEOUT)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                return proc.wait(TIMEOUT)
+                rc = proc.wait(TIMEOUT)
+            return rc
         finally:
             proc.stdout.close()
             self.err.close()
@@ -5124,27 +5125,36 @@ def report_counters(text):
 
 
 class BridgeProc:
-    """``python -m saltevent bridge -v ARGS`` in a child, its stderr in a file."""
+    """``python -m saltevent bridge -v ARGS`` in a child, its stderr in a file of its own
+    (opened apart from ours: a shared file offset would let our reads move its writes)."""
 
     def __init__(self, *args, sock_dir):
-        self.err = tempfile.TemporaryFile()
+        fd, self.err_path = tempfile.mkstemp(prefix="se-bridge-", suffix=".err")
+        os.close(fd)
         argv = [sys.executable, "-m", "saltevent", "bridge", "-v", *args, "--sock-dir", sock_dir]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self.err, env=CHILD_ENV, cwd=HERE)
-        wait_until(lambda: " INFO saltevent: bridge " in self.stderr() or self.proc.poll() is not None,
-                   SALT_START, what="the bridge to start")
-        assert self.proc.poll() is None, self.stderr()
+        with open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=CHILD_ENV,
+                                         cwd=HERE)
+        try:
+            wait_until(lambda: " INFO saltevent: bridge " in self.stderr()
+                       or self.proc.poll() is not None, SALT_START, what="the bridge to start")
+            assert self.proc.poll() is None, self.stderr()
+        except BaseException:
+            self.stop()
+            raise
         self.id = re.search(r"INFO saltevent: bridge (\S+): ", self.stderr()).group(1)
 
     def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
+        with open(self.err_path, "rb") as err:
+            return err.read().decode(errors="replace")
 
     def report(self):
         """Ask for the counters (SIGUSR1) and return them."""
         before = self.stderr().count("  outages: ")
         self.proc.send_signal(signal.SIGUSR1)
-        wait_until(lambda: self.stderr().count("  outages: ") > before, what="a report")
+        wait_until(lambda: self.stderr().count("  outages: ") > before,
+                   what=f"a report; stderr: {self.stderr()[-3000:]}")
         return report_counters(self.stderr())
 
     def settled(self):
@@ -5175,7 +5185,7 @@ class BridgeProc:
                 raise AssertionError(f"the bridge did not stop on SIGTERM: {self.stderr()}")
             return rc, self.stderr()
         finally:
-            self.err.close()
+            os.unlink(self.err_path)
 
 
 class SaltRig:
@@ -5388,5 +5398,118 @@ def test_bridge_tag_filters_hold_each_way(salt_rig):
     assert rig.salt_get("app/", 1, wait=0.2) == [] and rig.salt_get("other/", 1, wait=0.1) == []
     wanted = {"saltevent->salt": {"forwarded": 3, "filtered": 3, "failed": 0, "echoes": 3},
               "salt->saltevent": {"forwarded": 3, "filtered": 1, "failed": 0, "echoes": 3}}
+    wait_until(lambda: moved(rig.bridge.report(), before) == wanted,
+               what=f"the counters to show {wanted}")
+
+
+def test_bridge_survives_a_salt_publisher_restart_and_reports_it(salt_rig):
+    rig = salt_rig()
+    rig.ready()
+    before = rig.bridge.settled()
+    probes = dict(rig.probes)
+    for i in range(10):
+        assert rig.firer.fire_event({"i": i}, "app/r")
+    first = rig.salt_get("app/r", 10)
+    assert [event["data"]["i"] for event in first] == list(range(10))
+
+    rig.pub.stop()                                     # salt-master goes away mid-stream ...
+    for i in range(10, 30):                            # ... while events keep coming
+        assert rig.firer.fire_event({"i": i}, "app/r")
+    wait_until(lambda: rig.bridge.report()["saltevent->salt"]["held"] > 0, what="events held")
+    rig.pub.start()                                    # ... and comes back
+    rig.ready()
+    probes = {key: rig.probes[key] - probes[key] for key in probes}
+    after = wait_until(lambda: (lambda now: now if now["saltevent->salt"]["held"] == 0 and (
+        now["saltevent->salt"]["forwarded"] - before["saltevent->salt"]["forwarded"]
+        == 30 + probes["up"]) else None)(rig.bridge.report()), what="the held events to go")
+    assert after["saltevent->salt"]["failed"] == before["saltevent->salt"]["failed"]
+    assert after["outages"]["salt"] == 1
+    # Salt's own listener reconnects in its own time (about a second) and loses what is
+    # published before that; whatever it got is in order and never twice.
+    later = [event["data"]["i"] for event in rig.salt_get("app/r", 20, wait=1.0)]
+    assert later == sorted(set(later)) and set(later) <= set(range(10, 30))
+    err = rig.bridge.stderr()
+    assert len(re.findall(r"WARNING saltevent: salt master bus \S+ is down \(", err)) == 1, err
+    assert len(re.findall(r"WARNING saltevent: salt master bus \S+ is back after ", err)) == 1, err
+    rc, err = rig.bridge.stop()
+    assert rc == 0 and "Traceback" not in err, err
+
+
+def test_bridge_survives_a_saltevent_broker_handoff(salt_rig, sock_dir):
+    host = broker_host(sock_dir)                 # the saltevent broker runs in this child
+    try:
+        rig = salt_rig()
+        rig.ready()
+        for half in (0, 30):
+            if half:                             # the broker's process leaves cleanly
+                host.stdin.write("\n")
+                host.stdin.flush()
+                assert host.wait(TIMEOUT) == 0
+            for i in range(half, half + 30):
+                assert rig.firer.fire_event({"i": i}, "app/h")
+            assert rig.salt_fire("salt/h", n=30, start=half)["ok"] == 30
+        at_salt = rig.salt_get("app/h", 60, wait=2 * TIMEOUT)
+        here = collect(rig.listener, {"salt/h": 60})["salt/h"]
+    finally:
+        reap(host)
+    assert [event["data"]["i"] for event in at_salt] == list(range(60))
+    assert [event["data"]["i"] for event in here] == list(range(60))
+    counters = rig.bridge.report()
+    assert counters["saltevent->salt"]["missed"] == 0
+    assert counters["saltevent->salt"]["failed"] == counters["salt->saltevent"]["failed"] == 0
+    assert rig.listener.gaps == 0
+
+
+def test_bridge_one_way_holds_while_salt_is_down_and_flushes_on_sigterm(salt_rig):
+    rig = salt_rig(bridge_args=["--to-salt", "--flush-timeout", "0.5"])
+    rig.ready(down=None)
+    rig.pub.stop()
+    for i in range(5):
+        assert rig.firer.fire_event({"i": i}, "app/held")
+    wait_until(lambda: rig.bridge.report()["saltevent->salt"]["held"] == 5, what="5 held")
+    t0 = time.monotonic()
+    rc, err = rig.bridge.stop()
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 0.5 + 4.0          # the flush gives up after 0.5 s
+    assert re.search(r"saltevent->salt: 5 events held for the salt master bus \S+ were not "
+                     r"forwarded", err), err
+    counters = report_counters(err)
+    assert counters["saltevent->salt"]["failed"] == 5
+    assert counters["saltevent->salt"]["held"] == 0
+    assert "  salt->saltevent: off\n" in err
+
+
+def test_bridge_minion_sends_with_fire_master_as_salt_does(salt_rig):
+    """What a salt-minion forwards to its master is what Salt's own fire_master puts on
+    the minion bus: the bridge's events are that, tag for tag.  (The salt-minion daemon,
+    its connection to a master and the master's side are not run here.)"""
+    rig = salt_rig(node="minion", minion_id="web1")
+    rig.ready(up="app/probe", seen_up_as="fire_master")
+    before = rig.bridge.settled()
+    assert rig.firer.fire_event(dict(SENT, n=1), "app/plain")
+    assert rig.firer.fire_master(dict(SENT, n=2), "app/fm")        # saltevent's fire_master
+    assert rig.salt_fire("native/fm", data=dict(SENT, n=3), master=True)["ok"] == 1
+    assert rig.salt_fire("minion/out", data=dict(SENT, n=4))["ok"] == 1
+    wrappers = {event["data"]["tag"]: event for event in rig.salt_get("fire_master", 3)
+                if event["data"]["tag"] != "app/probe"}
+    while len(wrappers) < 3:
+        extra = rig.salt_get("fire_master", 1)
+        assert extra, f"missing fire_master events: {sorted(wrappers)}"
+        wrappers[extra[0]["data"]["tag"]] = extra[0]
+    native = wrappers.pop("native/fm")["data"]
+    for tag, n in (("app/plain", 1), ("app/fm", 2)):
+        wrapper = wrappers[tag]["data"]
+        assert list(wrapper) == list(native)                # tag, data, events, pretag, _stamp
+        assert (wrapper["events"], wrapper["pretag"]) == (None, None)
+        data = dict(wrapper["data"])
+        mark = data.pop(saltevent.BRIDGE_MARK)
+        assert data == dict(SENT, n=n) and mark["via"] == [rig.bridge.id]
+    assert native["data"] == dict(SENT, n=3, i=0)
+    here = drain(rig.listener, 1, tag="minion/out")            # minion bus -> saltevent
+    assert here[0]["data"]["n"] == 4 and saltevent.BRIDGE_MARK in here[0]["data"]
+    # Salt's fire_master event is forwarded to saltevent as it is; the bridge's own two
+    # came back to it and stopped there.
+    wanted = {"saltevent->salt": {"forwarded": 2, "filtered": 0, "failed": 0, "echoes": 2},
+              "salt->saltevent": {"forwarded": 2, "filtered": 0, "failed": 0, "echoes": 2}}
     wait_until(lambda: moved(rig.bridge.report(), before) == wanted,
                what=f"the counters to show {wanted}")
