@@ -4126,10 +4126,6 @@ class _Link:
             log.warning("%s is back after %.1f s", self.name, time.monotonic() - since)
 
     @property
-    def is_down(self) -> bool:
-        return self._down_since is not None
-
-    @property
     def waits(self) -> bool:
         """True while nothing should be sent to this bus."""
         return self.probed and self._down_since is not None
