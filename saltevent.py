@@ -4658,10 +4658,11 @@ def _cmd_bridge(args: Any) -> int:
     to_salt, from_salt = args.to_salt, args.from_salt
     if to_salt is None and from_salt is None:
         to_salt = from_salt = ["*"]
+    opts = {"id": args.id} if args.id else {}      # else the Salt minion's id, not the host's
     try:
         bridge = Bridge(salt_config=args.salt_config, salt_node=args.salt_node,
                         salt_sock_dir=args.salt_sock_dir, node=args.node,
-                        sock_dir=args.sock_dir, opts=_cli_opts(args), to_salt=to_salt or (),
+                        sock_dir=args.sock_dir, opts=opts, to_salt=to_salt or (),
                         from_salt=from_salt or (), bridge_id=args.bridge_id,
                         flush_timeout=args.flush_timeout)
     except ValueError as exc:
