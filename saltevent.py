@@ -41,6 +41,8 @@ __all__ = [
     "Gap", "SaltEvent", "MasterEvent", "LocalClientEvent", "MinionEvent", "NamespacedEvent",
     # Module-level functions
     "get_event", "get_master_event", "fire_args", "main",
+    # Bridge to Salt
+    "BRIDGE_MARK", "Bridge", "BridgeError",
 ]
 
 import atexit
@@ -4149,6 +4151,625 @@ def fire_args(opts: Mapping, jid: str, tag_data: Mapping, prefix: str = "") -> N
         log.warning("Failed to fire args event %s with data %s: %s", tag, tag_data, exc)
 
 
+# -- Bridge to Salt -----------------------------------------------------------
+#
+# The only code that uses Salt.  Bridge.run() imports it (importlib, so that nothing
+# else does); importing saltevent never does.
+
+#: The key a bridge adds to the data of each event it forwards:
+#: ``{"via": [bridge ids], "_stamp": the event's _stamp where it was first fired}``.
+#: A bridge never forwards an event whose ``via`` holds its own id.
+BRIDGE_MARK = "__saltevent_bridge__"
+
+_BRIDGE_POLL = 0.5                     # seconds one get_event waits, either side
+_BRIDGE_HOLD = 10_000                  # events one direction holds while its far bus is down
+_BRIDGE_FLUSH = 5.0                    # seconds a stopping bridge spends on what it holds
+_BRIDGE_RETRY = 0.1                    # seconds before retrying a bus that is down ...
+_BRIDGE_RETRY_MAX = 2.0                # ... doubling up to this
+_BRIDGE_PROBE = 1.0                    # seconds of quiet before checking Salt's publisher
+_BRIDGE_REPORT = 60.0                  # seconds between counter lines in the log
+_SALT_NODES = ("master", "minion")
+_NO_SALT = ("Salt is not importable by {python} ({exc}); run the bridge under a Python "
+            "that has Salt, for example Salt's onedir Python: "
+            "/opt/saltstack/salt/bin/python3 -m saltevent bridge ...")
+
+
+class BridgeError(SaltEventError):
+    """The bridge cannot run: Salt is missing, or its config cannot be used."""
+
+
+class _Link:
+    """One bus as the bridge sees it, up or down; each outage is logged once, whichever
+    direction's thread notices it.  A *probed* bus is not sent to while it is down:
+    the bridge's check of its socket says when it is back."""
+
+    def __init__(self, name: str, probed: bool = False):
+        self.name = name
+        self.probed = probed
+        self.outages = 0
+        self._down_since = None
+        self._lock = threading.Lock()          # guards outages and _down_since
+
+    def down(self, reason: str) -> None:
+        with self._lock:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+            self.outages += 1
+        log.warning("%s is down (%s); the bridge holds events for it and retries",
+                    self.name, reason)
+
+    def up(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            log.warning("%s is back after %.1f s", self.name, time.monotonic() - since)
+
+    @property
+    def waits(self) -> bool:
+        """True while nothing should be sent to this bus."""
+        return self.probed and self._down_since is not None
+
+
+class _Direction:
+    """One way through the bridge: its tag filter, the events it holds for the far bus,
+    and its counters.  Used by its own thread; reports read the counters."""
+
+    def __init__(self, name: str, patterns: list, far: _Link, hold: int):
+        self.name = name
+        self.patterns = patterns
+        self.filters = [_tag_filter(pattern) for pattern in patterns]
+        self.far = far
+        self.hold = hold
+        self.held = collections.deque()
+        self.retry_at = 0.0
+        self.delay = _BRIDGE_RETRY
+        self.forwarded = self.filtered = self.failed = self.echoes = 0
+        self.missed = self.gaps = 0
+        self.receive = self.send = None        # set by Bridge.run()
+        self.reset = None                      # drops the far side's stale connection
+        self.outages_seen = 0
+
+    def counters(self) -> dict:
+        return {"forwarded": self.forwarded, "filtered": self.filtered, "failed": self.failed,
+                "echoes": self.echoes, "missed": self.missed, "held": len(self.held)}
+
+
+def _salt_pull_address(opts: Mapping, node: str) -> tuple:
+    """Return ``(family, address)`` of the socket Salt's firers send to on the bus of
+    *node* (its publisher binds it last), as ``salt.transport.base`` works it out."""
+    if opts.get("ipc_mode") == "tcp":
+        host = "::1" if opts.get("ipv6") else "127.0.0.1"
+        port = opts["tcp_master_pull_port" if node == "master" else "tcp_pull_port"]
+        family = socket.AF_INET6 if opts.get("ipv6") else socket.AF_INET
+        return family, (host, int(port))
+    if node == "master":
+        return socket.AF_UNIX, os.path.join(opts["sock_dir"], "master_event_pull.ipc")
+    import hashlib
+    minion_id = opts.get("hash_id", opts["id"])
+    id_hash = hashlib.new(opts["hash_type"], str(minion_id).encode()).hexdigest()[:10]
+    return socket.AF_UNIX, os.path.join(opts["sock_dir"], f"minion_event_{id_hash}_pull.ipc")
+
+
+def _salt_node_of(path: str) -> str:
+    """Return 'master' or 'minion' from a Salt config file's name, as Salt names them."""
+    name = os.path.basename(path.rstrip(os.sep))
+    found = [node for node in _SALT_NODES if node in name]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell whether {path} is a master or a minion config; "
+                         "say which with salt_node (--salt-node)")
+    return found[0]
+
+
+def _restore_logging(root: Any, level: int, kept: list) -> None:
+    """Undo what importing Salt does to the root logger: its deferred stderr handler
+    goes (its records to ours), and our handlers get back their levels and formats."""
+    handlers = [handler for handler, _, _ in kept]
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            sync = getattr(handler, "sync_with_handlers", None)
+            root.removeHandler(handler)
+            if sync is not None:
+                sync(handlers)
+    for handler, handler_level, formatter in kept:
+        handler.setLevel(handler_level)
+        handler.setFormatter(formatter)
+    root.setLevel(level)
+
+
+def _import_salt() -> tuple:
+    """Return Salt's ``salt.config`` and ``salt.utils.event``; BridgeError without Salt."""
+    import importlib
+    import logging
+    root = logging.getLogger()
+    level, kept = root.level, [(h, h.level, h.formatter) for h in root.handlers]
+    try:
+        config = importlib.import_module("salt.config")
+        event = importlib.import_module("salt.utils.event")
+    except ImportError as exc:
+        raise BridgeError(_NO_SALT.format(python=sys.executable, exc=exc)) from None
+    finally:
+        _restore_logging(root, level, kept)
+    return config, event
+
+
+def _load_salt_config(config: Any, path: str, node: str) -> dict:
+    """Read *path* with Salt's own config loader; BridgeError (one line) if it cannot be."""
+    import logging
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise BridgeError(f"cannot read the Salt config {path}: {exc.strerror or exc}") from None
+    errors = []
+
+    class _Errors(logging.Handler):
+        def emit(self, record: Any) -> None:
+            errors.append(record.getMessage().splitlines()[0])
+
+    salt_log = logging.getLogger("salt")
+    handler, propagate = _Errors(logging.ERROR), salt_log.propagate
+    salt_log.addHandler(handler)
+    salt_log.propagate = False                 # Salt's loader logs, then exits
+    try:
+        loader = config.master_config if node == "master" else config.minion_config
+        return dict(loader(path))
+    except (SystemExit, Exception) as exc:    # whatever Salt's loader raises means "bad"
+        reason = errors[0] if errors else (str(exc) or type(exc).__name__)
+        raise BridgeError(f"cannot read the Salt config {path}: {reason}") from None
+    finally:
+        salt_log.removeHandler(handler)
+        salt_log.propagate = propagate
+
+
+class Bridge:
+    """Forward events between a saltevent bus and a Salt event bus, both ways.
+
+    The Salt side is a config file read with Salt's loader (*salt_config*, e.g.
+    ``/etc/salt/master``), a sock_dir (*salt_sock_dir*), or Salt opts (*salt_opts*,
+    e.g. ``__opts__``), with *salt_node* ``'master'`` or ``'minion'`` (default: from
+    the file's name, ``opts['__role']``, else ``'master'``; *salt_node* alone means
+    ``/etc/salt/<node>``).  The saltevent side is *node*, *sock_dir* and *opts* as for
+    :class:`SaltEvent`; *node* defaults to *salt_node*, and a minion bus's id to the
+    Salt minion's.  ``opts['id']`` is also the minion id of a *salt_sock_dir* minion.
+
+    Events whose tag matches *to_salt* go from saltevent to Salt: fired on a master
+    bus, or sent to the master with Salt's ``fire_master`` on a minion bus (a
+    saltevent ``fire_master`` event is unwrapped and sent the same way).  Events
+    matching *from_salt* come back.  Patterns are prefixes or globs (as
+    ``opts['saltevent_tags']``); ``()`` turns a direction off.  Each forwarded event
+    carries :data:`BRIDGE_MARK`, so the bridge never sends it back.
+
+    Salt is imported by :meth:`run`, which blocks until :meth:`stop`.  One thread per
+    direction; stop() may be called from any thread or a signal handler, and the
+    bridge stops within about a second plus what flushing takes (*flush_timeout*).
+    While a bus is down each direction holds up to *hold* events for it, oldest
+    dropped first (and counted as failed).
+    """
+
+    def __init__(self, salt_config: str | None = None, salt_node: str | None = None,
+                 salt_sock_dir: str | None = None, salt_opts: Mapping | None = None,
+                 node: str | None = None, sock_dir: str | None = None,
+                 opts: Mapping | None = None, to_salt: Any = ("*",), from_salt: Any = ("*",),
+                 bridge_id: str | None = None, hold: int = _BRIDGE_HOLD,
+                 flush_timeout: float = _BRIDGE_FLUSH):
+        if salt_node is not None and salt_node not in _SALT_NODES:
+            raise ValueError(f"salt_node must be 'master' or 'minion', not {salt_node!r}")
+        if sum(x is not None for x in (salt_config, salt_sock_dir, salt_opts)) > 1:
+            raise ValueError("give one of salt_config, salt_sock_dir and salt_opts")
+        if salt_opts is not None:
+            salt_node = salt_node or salt_opts.get("__role")
+        elif salt_config is not None:
+            salt_node = salt_node or _salt_node_of(salt_config)
+        elif salt_sock_dir is None:
+            if salt_node is None:
+                raise ValueError("give salt_config, salt_sock_dir or salt_opts")
+            salt_config = f"/etc/salt/{salt_node}"
+        self.salt_node = salt_node if salt_node in _SALT_NODES else "master"
+        self.opts = dict(opts or {})
+        if salt_sock_dir is not None and self.salt_node == "minion" and not self.opts.get("id"):
+            raise ValueError("a Salt minion bus needs the minion's id: opts['id'] (--id)")
+        patterns = []
+        for name, value in (("to_salt", to_salt), ("from_salt", from_salt)):
+            value = [value] if isinstance(value, str) else list(value or ())
+            if not all(isinstance(item, str) for item in value):
+                raise TypeError(f"{name} must be a list of tag prefixes or globs")
+            patterns.append(value)
+        if not any(patterns):
+            raise ValueError("nothing to forward: both directions are off")
+        if hold.__class__ is not int or hold <= 0:
+            raise ValueError(f"hold must be a positive int, not {hold!r}")
+        if flush_timeout < 0:
+            raise ValueError(f"flush_timeout must be 0 or more, not {flush_timeout!r}")
+        self._salt_config = salt_config
+        self._salt_sock_dir = salt_sock_dir
+        self._salt_opts = salt_opts
+        self.node = node or self.salt_node
+        self.sock_dir = sock_dir
+        self.bridge_id = bridge_id
+        self.flush_timeout = float(flush_timeout)
+        self.salt_bus = _Link(f"salt {self.salt_node} bus", probed=True)
+        self.saltevent_bus = _Link(f"saltevent {self.node} bus")
+        self.to_salt = _Direction("saltevent->salt", patterns[0], self.salt_bus, hold)
+        self.from_salt = _Direction("salt->saltevent", patterns[1], self.saltevent_bus, hold)
+        #: set once run() has connected both sides and forwards events
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()          # guards _started
+        self._started = False
+        self._ran = False                      # True once forwarding began
+        self._error = None
+        self._probe_at = 0.0
+        self._prober = None                    # the direction that watches Salt's publisher
+        self._salt_pull = None
+        self._objects = []
+
+    def __repr__(self) -> str:
+        return (f"<Bridge id={self.bridge_id} saltevent {self.node} <-> salt "
+                f"{self.salt_node}{' running' if self.ready.is_set() else ''}>")
+
+    # -- the public face
+
+    def stop(self) -> None:
+        """Ask run() to flush what it holds and return; safe from any thread or signal handler."""
+        self._stop.set()
+
+    def counters(self) -> dict:
+        """Return each direction's counters and each bus's outages."""
+        return {"to_salt": self.to_salt.counters(), "from_salt": self.from_salt.counters(),
+                "outages": {"salt": self.salt_bus.outages,
+                            "saltevent": self.saltevent_bus.outages}}
+
+    def report(self) -> str:
+        """Return the counters as the CLI prints them (SIGUSR1, exit), one line per direction."""
+        lines = [f"bridge {self.bridge_id}: {self.saltevent_bus.name} <-> {self.salt_bus.name}"]
+        for d in (self.to_salt, self.from_salt):
+            if not d.patterns:
+                lines.append(f"  {d.name}: off")
+                continue
+            line = (f"  {d.name}: forwarded {d.forwarded}, filtered {d.filtered}, failed "
+                    f"{d.failed}, echoes {d.echoes}, held {len(d.held)}")
+            if d is self.to_salt:
+                line += f", missed {d.missed} in {d.gaps} gaps"
+            lines.append(line)
+        lines.append(f"  outages: salt {self.salt_bus.outages}, saltevent "
+                     f"{self.saltevent_bus.outages}")
+        return "\n".join(lines)
+
+    def _summary(self) -> str:
+        return "; ".join(line.strip() for line in self.report().splitlines()[1:])
+
+    def run(self) -> dict:
+        """Connect both sides and forward events until stop(); return the counters.
+
+        :raises BridgeError: Salt is not importable, or its config cannot be read.
+        :raises RuntimeError: run() was called before.
+        """
+        with self._lock:
+            if self._started:
+                raise RuntimeError("a Bridge runs once")
+            self._started = True
+        try:
+            threads = self._start()
+            last, log_at = None, time.monotonic() + _BRIDGE_REPORT
+            # Short waits: a signal that lands on another thread runs its Python handler
+            # (SIGTERM's stop(), SIGUSR1's report) only when this thread wakes.
+            while not self._stop.wait(_BRIDGE_POLL):
+                if time.monotonic() >= log_at:
+                    log_at += _BRIDGE_REPORT
+                    now = self.counters()
+                    if now != last:
+                        log.info("counters: %s", self._summary())
+                        last = now
+            for thread in threads:
+                thread.join(self.flush_timeout + 3 * _BRIDGE_POLL + 5.0)
+                if thread.is_alive():
+                    log.error("bridge thread %s did not stop", thread.name)
+        finally:
+            self._stop.set()
+            self.ready.clear()
+            for obj in reversed(self._objects):
+                obj.destroy()
+            self._objects = []
+        log.info("stopped; counters: %s", self._summary())
+        if self._error is not None:
+            raise BridgeError(f"the bridge stopped on an error: {self._error!r}")
+        return self.counters()
+
+    # -- setting up
+
+    def _salt_side(self, config: Any) -> dict:
+        """Return the Salt opts of the bus to bridge."""
+        node = self.salt_node
+        if self._salt_opts is not None:
+            return dict(self._salt_opts)
+        if self._salt_config is not None:
+            return _load_salt_config(config, self._salt_config, node)
+        opts = dict(config.DEFAULT_MASTER_OPTS if node == "master"
+                    else config.DEFAULT_MINION_OPTS)
+        opts["sock_dir"] = self._salt_sock_dir
+        if node == "minion":
+            opts["id"] = self.opts["id"]
+        return opts
+
+    def _start(self) -> list:
+        """Import Salt, open the four event objects, start one thread per direction."""
+        config, salt_event = _import_salt()
+        salt_opts = self._salt_side(config)
+        node = self.salt_node
+        self._salt_pull = _salt_pull_address(salt_opts, node)
+        se_opts = dict(self.opts)
+        if self.node != "master" and not se_opts.get("id") and salt_opts.get("id"):
+            se_opts["id"] = salt_opts["id"]
+        salt_dir = salt_opts["sock_dir"]
+
+        def opened(obj: Any) -> Any:
+            self._objects.append(obj)
+            return obj
+
+        se_firer = opened(SaltEvent(self.node, self.sock_dir, se_opts, listen=False,
+                                    raise_errors=True))
+        if self.bridge_id is None:
+            import hashlib
+            where = f"{se_firer._bus.path}\0{node}\0{self._salt_pull[1]}".encode()
+            self.bridge_id = f"{socket.gethostname()}:{hashlib.sha256(where).hexdigest()[:8]}"
+        self.saltevent_bus.name = f"saltevent {self.node} bus {se_firer._bus.path}"
+        self.salt_bus.name = f"salt {node} bus {salt_dir}"
+        threads = []
+        if self.to_salt.patterns:
+            listener = opened(SaltEvent(self.node, self.sock_dir,
+                                        dict(se_opts, saltevent_gap_events=True)))
+            salt_firer = opened(salt_event.get_event(node, salt_dir, opts=salt_opts,
+                                                     listen=False))
+            self.to_salt.receive = lambda timeout: listener.get_event(
+                wait=timeout, no_block=timeout <= 0, full=True, auto_reconnect=True)
+            self.to_salt.send = (salt_firer.fire_event if node == "master"
+                                 else salt_firer.fire_master)
+            self.to_salt.reset = salt_firer.destroy          # Salt's objects reconnect
+            threads.append(self.to_salt)
+        if self.from_salt.patterns:
+            salt_listener = opened(salt_event.get_event(node, salt_dir, opts=salt_opts,
+                                                        listen=True))
+            self.from_salt.receive = lambda timeout: salt_listener.get_event(
+                wait=timeout, no_block=timeout <= 0, full=True)
+            self.from_salt.send = se_firer.fire_event
+            threads.append(self.from_salt)
+        self._prober = threads[-1]
+        log.info("bridge %s: saltevent %s bus %s <-> salt %s bus %s; %s", self.bridge_id,
+                 self.node, se_firer._bus.path, node, salt_dir, "; ".join(
+                     f"{d.name} {' '.join(d.patterns)}" for d in threads))
+        started = []
+        try:
+            for d in threads:
+                thread = threading.Thread(target=self._pump, args=(d,), daemon=True,
+                                          name=f"saltevent-bridge {d.name}")
+                thread.start()
+                started.append(thread)
+        except BaseException:
+            self._stop.set()
+            for thread in started:
+                thread.join(self.flush_timeout + 3 * _BRIDGE_POLL + 5.0)
+            raise
+        self._ran = True
+        self.ready.set()
+        return started
+
+    # -- moving events (each direction on its own thread)
+
+    def _watch_salt(self, got_salt_event: bool) -> None:
+        """Notice Salt's publisher coming and going: Salt's listener reconnects silently
+        and its firer fails only when used, so while quiet try its socket once a second.
+        Runs on one direction's thread (salt->saltevent's when it runs)."""
+        now = time.monotonic()
+        if got_salt_event:
+            self.salt_bus.up()
+            self._probe_at = now + _BRIDGE_PROBE
+        elif now >= self._probe_at:
+            self._probe_at = now + _BRIDGE_PROBE
+            self._probe_salt()
+
+    def _probe_salt(self) -> bool:
+        """Connect to the socket Salt's firers use; mark the Salt bus up or down."""
+        family, address = self._salt_pull
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_BRIDGE_PROBE)
+            sock.connect(address)
+        except OSError as exc:
+            self.salt_bus.down(f"cannot connect to {address}: {exc.strerror or exc}")
+            return False
+        finally:
+            sock.close()
+        self.salt_bus.up()
+        return True
+
+    def _pump(self, d: _Direction) -> None:
+        """Move events through *d* until stopped, then flush.  Runs on d's thread."""
+        try:
+            while not self._stop.is_set():
+                sending = d.held and not d.far.waits
+                if sending and time.monotonic() >= d.retry_at:
+                    sending = not self._deliver(d)
+                timeout = _BRIDGE_POLL
+                if sending:
+                    timeout = min(timeout, max(0.0, d.retry_at - time.monotonic()))
+                event = d.receive(timeout)
+                if d is self._prober:
+                    self._watch_salt(event is not None and d is self.from_salt)
+                self._take(d, event)
+            self._flush(d)
+        except Exception as exc:               # a bug: stop the bridge, and say so
+            log.exception("bridge %s stopped on an error", d.name)
+            self._error = exc
+            self._stop.set()
+
+    def _own(self, data: Any) -> bool:
+        mark = data.get(BRIDGE_MARK) if isinstance(data, dict) else None
+        return isinstance(mark, dict) and self.bridge_id in (mark.get("via") or ())
+
+    def _take(self, d: _Direction, event: dict | None) -> None:
+        """Hold one event from *d*'s source for the far bus, or count why not."""
+        if event is None:
+            return
+        tag, data = event["tag"], event["data"]
+        if event.__class__ is _GapEvent:
+            d.missed += data.get("count") or 0
+            d.gaps += 1
+            return
+        if not isinstance(data, dict):
+            d.failed += 1
+            log.warning("%s: event %s has data that is not a dict; not forwarded", d.name, tag)
+            return
+        wrapped = tag.startswith("fire_master")
+        if self._own(data) or (wrapped and self._own(data.get("data"))):
+            d.echoes += 1
+            return
+        stamp = data.get("_stamp")
+        if (d is self.to_salt and self.salt_node == "minion" and tag == "fire_master"
+                and isinstance(data.get("tag"), str) and data.get("events") is None):
+            tag, data = data["tag"], data.get("data")      # sent as Salt's fire_master
+        if not _filters_match(d.filters, tag):
+            d.filtered += 1
+            return
+        if isinstance(data, dict):
+            data = dict(data)
+            data.pop("_stamp", None)               # the far bus stamps it anew
+            mark = data.get(BRIDGE_MARK)
+            mark = mark if isinstance(mark, dict) else {}
+            via = mark.get("via")
+            data[BRIDGE_MARK] = {"via": (list(via) if isinstance(via, list) else [])
+                                 + [self.bridge_id], "_stamp": mark.get("_stamp", stamp)}
+        if len(d.held) >= d.hold:
+            d.held.popleft()
+            d.failed += 1
+            if d.failed == 1 or not d.failed % 1000:
+                log.warning("%s: holding %d events for the %s, dropped the oldest (%d failed)",
+                            d.name, d.hold, d.far.name, d.failed)
+        d.held.append((tag, data))
+        log.debug("%s: %s", d.name, tag)
+
+    def _deliver(self, d: _Direction) -> bool:
+        """Send what *d* holds, in order; False when the far bus is down (retry later)."""
+        if d.reset is not None and d.outages_seen != d.far.outages:
+            d.outages_seen = d.far.outages     # the bus is back: connect afresh
+            d.reset()
+        while d.held:
+            tag, data = d.held[0]
+            try:
+                ok, why = d.send(data, tag), "the bus could not be reached"
+            except (TypeError, ValueError) as exc:     # this event can never go
+                d.held.popleft()
+                d.failed += 1
+                log.warning("%s: event %s not forwarded: %s", d.name, tag, exc)
+                continue
+            except Exception as exc:  # Salt's transport raises many kinds; all are "not sent"
+                ok, why = False, f"{type(exc).__name__}: {exc}"
+            if not ok:
+                d.far.down(why)
+                d.retry_at = time.monotonic() + d.delay
+                d.delay = min(d.delay * 2, _BRIDGE_RETRY_MAX)
+                return False
+            d.held.popleft()
+            d.forwarded += 1
+            d.delay = _BRIDGE_RETRY
+            d.far.up()
+        return True
+
+    def _flush(self, d: _Direction) -> None:
+        """Forward what *d*'s source already has and what it holds, within flush_timeout."""
+        deadline = time.monotonic() + self.flush_timeout
+        while time.monotonic() < deadline:
+            event = d.receive(0.0)
+            if event is None:
+                break
+            self._take(d, event)
+        while d.held and time.monotonic() < deadline:
+            if d.far.waits and not self._probe_salt() or not self._deliver(d):
+                time.sleep(min(_BRIDGE_RETRY, max(0.0, deadline - time.monotonic())))
+        if d.held:
+            d.failed += len(d.held)
+            log.warning("%s: %d events held for the %s were not forwarded", d.name,
+                        len(d.held), d.far.name)
+            d.held.clear()
+
+
+def _seconds(text: str) -> float:
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _bridge_arguments(sub: Any) -> None:
+    """The bridge command's own options (the common ones choose the saltevent bus)."""
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--salt-config", metavar="FILE",
+                       help="Salt's master or minion config, read with Salt's own loader "
+                            "(default with --salt-node alone: /etc/salt/NODE)")
+    where.add_argument("--salt-sock-dir", metavar="DIR",
+                       help="the sock_dir of the Salt bus instead (a minion's needs --id)")
+    sub.add_argument("--salt-node", choices=_SALT_NODES,
+                     help="the Salt bus is a master's or a minion's (default: from the "
+                          "config file's name, else master)")
+    sub.add_argument("--to-salt", action="append", nargs="?", const="*", metavar="TAG",
+                     help="forward saltevent events whose tag matches TAG (a prefix or a "
+                          "glob; repeatable; alone: every tag) to Salt")
+    sub.add_argument("--from-salt", action="append", nargs="?", const="*", metavar="TAG",
+                     help="forward Salt events whose tag matches TAG to saltevent; with "
+                          "neither option both directions forward every tag, with one "
+                          "only that direction runs")
+    sub.add_argument("--bridge-id", metavar="ID",
+                     help=f"the id in {BRIDGE_MARK}['via'] (default: host name and a hash "
+                          "of the two buses)")
+    sub.add_argument("--flush-timeout", type=_seconds, default=_BRIDGE_FLUSH, metavar="S",
+                     help="seconds to spend at exit forwarding what the bridge holds "
+                          f"(default {_BRIDGE_FLUSH:g})")
+
+
+def _cmd_bridge(args: Any) -> int:
+    import signal
+    if not (args.salt_config or args.salt_sock_dir or args.salt_node):
+        raise _UsageError("say where the Salt bus is: --salt-config FILE, --salt-sock-dir "
+                          "DIR, or --salt-node NODE for /etc/salt/NODE")
+    to_salt, from_salt = args.to_salt, args.from_salt
+    if to_salt is None and from_salt is None:
+        to_salt = from_salt = ["*"]
+    opts = {"id": args.id} if args.id else {}      # else the Salt minion's id, not the host's
+    try:
+        bridge = Bridge(salt_config=args.salt_config, salt_node=args.salt_node,
+                        salt_sock_dir=args.salt_sock_dir, node=args.node,
+                        sock_dir=args.sock_dir, opts=opts, to_salt=to_salt or (),
+                        from_salt=from_salt or (), bridge_id=args.bridge_id,
+                        flush_timeout=args.flush_timeout)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+    def report(*_: Any) -> None:
+        print(bridge.report(), file=sys.stderr, flush=True)
+
+    handlers = {signal.SIGTERM: lambda *_: bridge.stop(), signal.SIGINT: lambda *_: bridge.stop()}
+    for name, handler in (("SIGHUP", handlers[signal.SIGTERM]), ("SIGUSR1", report)):
+        if hasattr(signal, name):
+            handlers[getattr(signal, name)] = handler
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()} if (
+        in_main) else {}
+    try:
+        bridge.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if bridge._ran:
+            report()
+    return 0
+
+
 # -- CLI ----------------------------------------------------------------------
 
 _EXAMPLES = {
@@ -4170,6 +4791,13 @@ _EXAMPLES = {
     "stats": """examples:
   saltevent stats
   saltevent stats --json""",
+    "bridge": """examples:
+  saltevent bridge --salt-config /etc/salt/master -v      # a master host: both ways
+  saltevent bridge --salt-config /etc/salt/minion --to-salt 'myco/*' --from-salt
+  saltevent bridge --salt-sock-dir /var/run/salt/master --salt-node master
+  /opt/saltstack/salt/bin/python3 -m saltevent bridge --salt-node minion
+
+SIGUSR1 prints the counters; SIGTERM or Ctrl-C forwards what the bridge holds and stops.""",
 }
 
 
@@ -4274,6 +4902,8 @@ def _build_parser() -> Any:
     sub.add_argument("--bus-name", help=argparse.SUPPRESS)    # what a spawned broker serves
     sub = command("stats", "print the running broker's figures")
     sub.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    _bridge_arguments(command("bridge", "forward events between this bus and a Salt event "
+                                        "bus, both ways (needs a Python that has Salt)"))
     return parser
 
 
@@ -4539,6 +5169,8 @@ def main(argv: list | None = None) -> int:
             return _cmd_listen(args, node)
         if args.command == "bus":
             return _cmd_bus(args, node)
+        if args.command == "bridge":
+            return _cmd_bridge(args)
         return _cmd_stats(args, node)
     except _UsageError as exc:
         parser.print_usage(sys.stderr)

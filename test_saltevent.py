@@ -4958,3 +4958,560 @@ def test_hardening_fuzz_the_wire(sock_dir, caplog):
         assert listener.get_event(wait=TIMEOUT, tag="still/alive") is not None
     elapsed = time.monotonic() - started
     assert elapsed < 20.0, f"SALTEVENT_FUZZ_SEED={seed}: the fuzz took {elapsed:.1f} s"
+
+
+# -- Bridge to Salt -----------------------------------------------------------
+#
+# The bridge against real Salt (3008.4): Salt's own event publisher (what salt-master
+# and salt-minion run), Salt's own listeners and firers, and the bridge (as users run
+# it: python -m saltevent bridge) each run in a child process under this Python, so
+# these tests import no Salt here.  Where Salt 3008.4 is missing they skip and say why;
+# with SALTEVENT_REQUIRE_SALT=1 (.ci/run's Salt virtualenv) they fail instead.
+
+SALT_START = 30.0      # seconds for a child that imports Salt to be ready on a loaded machine
+
+# Salt's event publisher for one bus, in the foreground: prints "ready" once both of its
+# sockets are bound; SIGINT stops it cleanly.  argv: node sock_dir [minion_id]
+SALT_PUB = r'''
+import signal, sys, threading
+import salt.config, salt.transport
+node, sock_dir, minion_id = sys.argv[1], sys.argv[2], sys.argv[3]
+opts = dict(salt.config.DEFAULT_MASTER_OPTS if node == "master"
+            else salt.config.DEFAULT_MINION_OPTS)
+opts["sock_dir"] = sock_dir
+if minion_id:
+    opts["id"] = minion_id
+server = salt.transport.ipc_publish_server(node, opts)
+threading.Thread(target=lambda: server.started.wait(60) and print("ready", flush=True),
+                 daemon=True).start()
+signal.signal(signal.SIGINT, signal.default_int_handler)
+server.publish_daemon(server.publish_payload)
+'''
+
+# Salt's own salt.utils.event objects in a child, driven like AGENT.  "get" keeps the
+# events that do not match for a later "get", so no event is lost between calls.
+SALT_AGENT = r'''
+import json, sys, time
+import salt.utils.event
+
+objs, kept = {}, {}
+
+def say(msg):
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+def handle(cmd):
+    op = cmd["op"]
+    if op == "open":
+        opts = {"sock_dir": cmd["sock_dir"]}
+        if cmd.get("id"):
+            opts["id"] = cmd["id"]
+        objs[cmd["name"]] = salt.utils.event.get_event(cmd["node"], cmd["sock_dir"], opts=opts,
+                                                        listen=cmd["listen"])
+        kept[cmd["name"]] = []
+        return {}
+    if op == "fire":
+        ev = objs[cmd["name"]]
+        fire = ev.fire_master if cmd.get("master") else ev.fire_event
+        ok, errors = 0, []
+        for i in range(cmd.get("start", 0), cmd.get("start", 0) + cmd.get("n", 1)):
+            try:
+                ok += fire(dict(cmd.get("data", {}), i=i), cmd["tag"]) is True
+            except Exception as exc:   # Salt raises StreamClosedError while its publisher is down
+                errors.append(repr(exc))
+        return {"ok": ok, "errors": errors}
+    if op == "get":
+        ev, pending = objs[cmd["name"]], kept[cmd["name"]]
+        events = [e for e in pending if e["tag"].startswith(cmd["tag"])][:cmd["n"]]
+        for e in events:
+            pending.remove(e)
+        deadline = time.monotonic() + cmd["wait"]
+        while len(events) < cmd["n"]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            e = ev.get_event(wait=remaining, full=True)
+            if e is None:
+                continue
+            (events if e["tag"].startswith(cmd["tag"]) else pending).append(e)
+        return {"events": events}
+    raise ValueError("unknown op %r" % op)
+
+for line in sys.stdin:
+    try:
+        say(handle(json.loads(line)))
+    except Exception as exc:
+        say({"error": repr(exc)})
+for ev in objs.values():
+    ev.destroy()
+'''
+
+
+@pytest.fixture
+def salt_python():
+    """Skip, saying why (or with SALTEVENT_REQUIRE_SALT=1 fail), where Salt 3008.4 is missing."""
+    if SALT_MISSING:
+        _not_testable(f"the bridge tests need a Python with Salt: {SALT_MISSING}")
+
+
+def read_line(pipe, timeout):
+    """Return the next line of a child's stdout, or '' at EOF or after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([pipe], [], [], remaining)[0]:
+            break
+        byte = os.read(pipe.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode().strip()
+
+
+class SaltPublisherProcess:
+    """Salt's event publisher for one bus in a child; stop() and start() again to restart it."""
+
+    def __init__(self, node, sock_dir, minion_id=""):
+        self.argv = [sys.executable, "-c", SALT_PUB, node, sock_dir, minion_id]
+        self.proc = None
+
+    def start(self):
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.err,
+                                     env=CHILD_ENV)
+        line = read_line(self.proc.stdout, SALT_START)
+        if line != "ready":
+            self.err.seek(0)
+            err = self.err.read().decode(errors="replace")[-2000:]
+            self.stop()
+            raise AssertionError(f"Salt's publisher did not start: {line!r} {err}")
+        return self
+
+    def stop(self):
+        """SIGINT (a clean exit, as Salt's daemons stop it), then kill; return the exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait(TIMEOUT)
+            return rc
+        finally:
+            proc.stdout.close()
+            self.err.close()
+
+
+def report_counters(text):
+    """Return the counters of the last report in a bridge's stderr, per direction."""
+    found = {}
+    for name, body in re.findall(r"^  (saltevent->salt|salt->saltevent): (.*)$", text, re.M):
+        found[name] = dict((key, int(value)) for key, value in re.findall(r"(\w+) (\d+)", body))
+    outages = re.findall(r"^  outages: salt (\d+), saltevent (\d+)$", text, re.M)
+    if outages:
+        found["outages"] = {"salt": int(outages[-1][0]), "saltevent": int(outages[-1][1])}
+    return found
+
+
+class BridgeProc:
+    """``python -m saltevent bridge -v ARGS`` in a child, its stderr in a file of its own
+    (opened apart from ours: a shared file offset would let our reads move its writes)."""
+
+    def __init__(self, *args, sock_dir):
+        fd, self.err_path = tempfile.mkstemp(prefix="se-bridge-", suffix=".err")
+        os.close(fd)
+        argv = [sys.executable, "-m", "saltevent", "bridge", "-v", *args, "--sock-dir", sock_dir]
+        with open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=CHILD_ENV,
+                                         cwd=HERE)
+        try:
+            wait_until(lambda: " INFO saltevent: bridge " in self.stderr()
+                       or self.proc.poll() is not None, SALT_START, what="the bridge to start")
+            assert self.proc.poll() is None, self.stderr()
+        except BaseException:
+            self.stop()
+            raise
+        self.id = re.search(r"INFO saltevent: bridge (\S+): ", self.stderr()).group(1)
+
+    def stderr(self):
+        with open(self.err_path, "rb") as err:
+            return err.read().decode(errors="replace")
+
+    def report(self):
+        """Ask for the counters (SIGUSR1) and return them."""
+        before = self.stderr().count("  outages: ")
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: self.stderr().count("  outages: ") > before,
+                   what=f"a report; stderr: {self.stderr()[-3000:]}")
+        return report_counters(self.stderr())
+
+    def settled(self):
+        """Return the counters once they have stayed the same for a quarter of a second."""
+        seen = [self.report(), time.monotonic()]
+
+        def still():
+            now = self.report()
+            if now != seen[0]:
+                seen[:] = [now, time.monotonic()]
+                return None
+            return now if time.monotonic() - seen[1] >= 0.25 else None
+        return wait_until(still, what="the bridge's counters to settle")
+
+    def stop(self, timeout=TIMEOUT):
+        """SIGTERM; return (exit code, stderr); kill it if it does not stop in time."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None, ""
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(TIMEOUT)
+                raise AssertionError(f"the bridge did not stop on SIGTERM: {self.stderr()}")
+            return rc, self.stderr()
+        finally:
+            os.unlink(self.err_path)
+
+
+class SaltRig:
+    """A Salt bus (Salt's publisher; Salt's own listener ``lis`` and firer ``fir`` in a
+    child), a saltevent bus (a listener and a firer here) and a bridge between them."""
+
+    def __init__(self, se_dir, node="master", minion_id="", bridge_args=(), config=False):
+        self.node, self.minion_id = node, minion_id
+        self.salt_dir = tempfile.mkdtemp(prefix="sb-")
+        self.pub = self.salt = self.bridge = self.listener = self.firer = None
+        self.probes = {"up": 0, "down": 0}
+        try:
+            opts = {"id": minion_id} if minion_id else None
+            self.listener = SaltEvent(node, se_dir, opts)
+            self.firer = SaltEvent(node, se_dir, opts, listen=False)
+            self.pub = SaltPublisherProcess(node, self.salt_dir, minion_id).start()
+            self.salt = Agent(code=SALT_AGENT)
+            if config:                   # as on a Salt host: /etc/salt/master or .../minion
+                where = [os.path.join(self.salt_dir, node)]
+                with open(where[0], "w") as handle:
+                    handle.write(f"sock_dir: {self.salt_dir}\n"
+                                 + (f"id: {minion_id}\n" if minion_id else ""))
+                where.insert(0, "--salt-config")
+            else:
+                where = ["--salt-sock-dir", self.salt_dir, "--salt-node", node]
+                where += ["--id", minion_id] if minion_id else []
+            self.bridge = BridgeProc(*where, *bridge_args, sock_dir=se_dir)
+            for name, listen in (("lis", True), ("fir", False)):
+                self.salt.call(timeout=SALT_START, op="open", name=name, node=node,
+                               sock_dir=self.salt_dir, id=minion_id, listen=listen)
+        except BaseException:
+            self.close()
+            raise
+
+    def salt_fire(self, tag, n=1, start=0, data=None, master=False):
+        return self.salt.call(op="fire", name="fir", tag=tag, n=n, start=start,
+                              data=data or {}, master=master)
+
+    def salt_get(self, tag, n, wait=TIMEOUT):
+        """Return up to *n* events whose tag starts with *tag* from Salt's own listener."""
+        return self.salt.call(timeout=wait + TIMEOUT, op="get", name="lis", tag=tag, n=n,
+                              wait=wait)["events"]
+
+    def ready(self, up="probe/up", down="probe/down", seen_up_as=None):
+        """Send probes each way until one comes through: Salt's listeners (the bridge's
+        and ours) connect in their own time.  None skips a direction."""
+        deadline = time.monotonic() + SALT_START
+        while up is not None:
+            self.probes["up"] += 1
+            assert self.firer.fire_event({"probe": self.probes["up"]}, up)
+            if self.salt_get(seen_up_as or up, 1, wait=0.3):
+                break
+            assert time.monotonic() < deadline, f"no probe reached Salt: {self.bridge.stderr()}"
+        while down is not None:
+            self.probes["down"] += 1
+            self.salt_fire(down, start=self.probes["down"])
+            if self.listener.get_event(wait=0.3, tag=down) is not None:
+                break
+            assert time.monotonic() < deadline, f"no probe came from Salt: {self.bridge.stderr()}"
+
+    def close(self):
+        try:
+            if self.bridge is not None:
+                self.bridge.stop(TIMEOUT + 6)
+        finally:
+            if self.salt is not None:
+                self.salt.close()
+            if self.pub is not None:
+                self.pub.stop()
+            for ev in (self.listener, self.firer):
+                if ev is not None:
+                    ev.destroy()
+            shutil.rmtree(self.salt_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def salt_rig(salt_python, sock_dir):
+    """Make SaltRigs on sock_dir's saltevent bus; close them all at teardown."""
+    rigs = []
+
+    def make(**kwargs):
+        rigs.append(SaltRig(sock_dir, **kwargs))
+        return rigs[-1]
+    try:
+        yield make
+    finally:
+        for rig in rigs:
+            rig.close()
+
+
+def collect_tags(ev, wanted, timeout=2 * TIMEOUT):
+    """Return {tag: [full events]} until each tag in *wanted* has its count (or timeout)."""
+    deadline = time.monotonic() + timeout
+    got = {tag: [] for tag in wanted}
+    while any(len(got[tag]) < n for tag, n in wanted.items()):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        event = ev.get_event(wait=remaining, full=True)
+        if event is not None and event["tag"] in got:
+            got[event["tag"]].append(event)
+    return got
+
+
+def moved(after, before, keys=("forwarded", "filtered", "failed", "echoes")):
+    """What each direction's counters did between two reports."""
+    return {name: {key: after[name][key] - before[name][key] for key in keys}
+            for name in ("saltevent->salt", "salt->saltevent") if name in after}
+
+
+SENT = {"text": "héllo ✓", "nested": {"list": [1, 2.5, None, True], "empty": {}}}
+
+
+def test_bridge_without_salt_exits_1_with_one_line(sock_dir):
+    """The README's plain Python: no Salt (python -S hides any site-packages that has it)."""
+    env = dict(os.environ, PYTHONPATH=HERE)
+    proc = subprocess.run([sys.executable, "-S", "-m", "saltevent", "bridge", "--salt-node",
+                           "master", "--sock-dir", sock_dir], env=env, capture_output=True,
+                          text=True, timeout=2 * TIMEOUT)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1, repr(proc.stderr)
+    assert proc.stderr.startswith("saltevent: Salt is not importable by ")
+    assert "under a Python that has Salt" in proc.stderr
+    assert "/opt/saltstack/salt/bin/python3 -m saltevent bridge" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "say where the Salt bus is"),
+    (["--salt-node", "bogus"], "invalid choice"),
+    (["--salt-config", "/etc/salt/master", "--salt-sock-dir", "/tmp"], "not allowed with"),
+    (["--salt-config", "/etc/salt/bridge.conf"], "cannot tell whether"),
+    (["--salt-sock-dir", "/tmp", "--salt-node", "minion"], "needs the minion's id"),
+    (["--salt-node", "master", "--flush-timeout", "-1"], "must be 0 or more"),
+    (["--salt-node", "master", "--bridge-id"], "expected one argument"),
+])
+def test_bridge_usage_errors_exit_2_without_a_traceback(sock_dir, args, message):
+    rc, out, err = cli_run("bridge", *args, sock_dir=sock_dir)
+    assert rc == 2, err
+    assert message in err and "Traceback" not in err
+
+
+def test_bridge_unusable_salt_config_exits_1_with_one_line(salt_python, sock_dir):
+    bad = os.path.join(sock_dir, "master")
+    with open(bad, "w") as handle:
+        handle.write("sock_dir: [unclosed\n  x: : :\n")
+    folder = os.path.join(sock_dir, "master.d")
+    os.mkdir(folder)
+    for path, why in ((os.path.join(sock_dir, "gone", "master"), "No such file or directory"),
+                      (bad, "Error parsing configuration file"), (folder, "Is a directory")):
+        rc, out, err = cli_run("bridge", "--salt-config", path, sock_dir=sock_dir)
+        assert (rc, err.count("\n")) == (1, 1), err
+        assert err.startswith(f"saltevent: cannot read the Salt config {path}: {why}"), err
+
+
+def test_bridge_master_both_ways_intact_in_order_once(salt_rig):
+    rig = salt_rig()
+    rig.ready()
+    before = rig.bridge.settled()
+    for i in range(30):
+        assert rig.firer.fire_event(dict(SENT, i=i), "app/e")
+    assert rig.salt_fire("salt/e", n=30, data=SENT)["ok"] == 30
+
+    # saltevent -> Salt, as Salt's own listener sees it; saltevent's own copies for _stamp
+    at_salt = rig.salt_get("app/e", 30, wait=2 * TIMEOUT)
+    here = collect_tags(rig.listener, {"app/e": 30, "salt/e": 30})
+    assert [event["data"]["i"] for event in at_salt] == list(range(30))
+    assert [event["data"]["i"] for event in here["app/e"]] == list(range(30))
+    for got, fired in zip(at_salt, here["app/e"]):
+        data = dict(got["data"])
+        stamp, mark = data.pop("_stamp"), data.pop(saltevent.BRIDGE_MARK)
+        assert data == dict(SENT, i=fired["data"]["i"])
+        assert mark == {"via": [rig.bridge.id], "_stamp": fired["data"]["_stamp"]}
+        assert stamp.endswith("+00:00") and stamp >= fired["data"]["_stamp"]
+
+    # Salt -> saltevent; Salt's listener saw Salt's own events, with Salt's _stamp
+    at_salt = rig.salt_get("salt/e", 30)
+    assert [event["data"]["i"] for event in here["salt/e"]] == list(range(30))
+    for got, fired in zip(here["salt/e"], at_salt):
+        data = dict(got["data"])
+        stamp, mark = data.pop("_stamp"), data.pop(saltevent.BRIDGE_MARK)
+        assert data == dict(SENT, i=fired["data"]["i"])
+        assert mark == {"via": [rig.bridge.id], "_stamp": fired["data"]["_stamp"]}
+
+    # No loops, no duplicates: nothing more of either comes, and every event the bridge
+    # put on one side came back to it and went no further (an echo).
+    assert rig.salt_get("app/e", 1, wait=0.3) == [] and rig.salt_get("salt/e", 1, wait=0.1) == []
+    assert [e for e in drain(rig.listener, 5, timeout=0.3) if e["tag"] in ("app/e", "salt/e")] == []
+    wanted = {"saltevent->salt": {"forwarded": 30, "filtered": 0, "failed": 0, "echoes": 30},
+              "salt->saltevent": {"forwarded": 30, "filtered": 0, "failed": 0, "echoes": 30}}
+    after = wait_until(lambda: (lambda now: now if moved(now, before) == wanted else None)(
+        rig.bridge.report()), what=f"the counters to show {wanted}")
+    assert after["saltevent->salt"]["missed"] == 0 and after["outages"] == {"salt": 0,
+                                                                           "saltevent": 0}
+
+    rc, err = rig.bridge.stop()
+    assert rc == 0, err
+    assert "INFO saltevent: stopped; counters: saltevent->salt: forwarded" in err
+    assert report_counters(err)["saltevent->salt"]["forwarded"] == after["saltevent->salt"][
+        "forwarded"]
+    assert "Traceback" not in err
+
+
+def test_bridge_tag_filters_hold_each_way(salt_rig):
+    rig = salt_rig(bridge_args=["--to-salt", "app/keep/*", "--to-salt", "app/prefix",
+                                "--from-salt", "salt/keep"])
+    rig.ready(up="app/keep/probe", down="salt/keep/probe")
+    before = rig.bridge.settled()
+    for tag in ("app/keep/1", "app/drop/1", "app/prefix-x", "app/keepx", "other/keep/1",
+                "app/keep/end"):
+        assert rig.firer.fire_event({"t": tag}, tag)
+    for tag in ("salt/keep/1", "salt/drop", "salt/keepx", "salt/keep/end"):
+        rig.salt_fire(tag)
+    at_salt = rig.salt_get("app/", 3)
+    assert [event["tag"] for event in at_salt] == ["app/keep/1", "app/prefix-x", "app/keep/end"]
+    here = drain(rig.listener, 3, tag="salt/")
+    assert [event["tag"] for event in here] == ["salt/keep/1", "salt/keepx", "salt/keep/end"]
+    assert rig.salt_get("app/", 1, wait=0.2) == [] and rig.salt_get("other/", 1, wait=0.1) == []
+    wanted = {"saltevent->salt": {"forwarded": 3, "filtered": 3, "failed": 0, "echoes": 3},
+              "salt->saltevent": {"forwarded": 3, "filtered": 1, "failed": 0, "echoes": 3}}
+    wait_until(lambda: moved(rig.bridge.report(), before) == wanted,
+               what=f"the counters to show {wanted}")
+
+
+def test_bridge_survives_a_salt_publisher_restart_and_reports_it(salt_rig):
+    rig = salt_rig()
+    rig.ready()
+    before = rig.bridge.settled()
+    probes = dict(rig.probes)
+    for i in range(10):
+        assert rig.firer.fire_event({"i": i}, "app/r")
+    first = rig.salt_get("app/r", 10)
+    assert [event["data"]["i"] for event in first] == list(range(10))
+
+    rig.pub.stop()                                     # salt-master goes away mid-stream ...
+    for i in range(10, 30):                            # ... while events keep coming
+        assert rig.firer.fire_event({"i": i}, "app/r")
+    wait_until(lambda: rig.bridge.report()["saltevent->salt"]["held"] > 0, what="events held")
+    rig.pub.start()                                    # ... and comes back
+    rig.ready()
+    probes = {key: rig.probes[key] - probes[key] for key in probes}
+    after = wait_until(lambda: (lambda now: now if now["saltevent->salt"]["held"] == 0 and (
+        now["saltevent->salt"]["forwarded"] - before["saltevent->salt"]["forwarded"]
+        == 30 + probes["up"]) else None)(rig.bridge.report()), what="the held events to go")
+    assert after["saltevent->salt"]["failed"] == before["saltevent->salt"]["failed"]
+    assert after["outages"]["salt"] == 1
+    # Salt's own listener reconnects in its own time (about a second) and loses what is
+    # published before that; whatever it got is in order and never twice.
+    later = [event["data"]["i"] for event in rig.salt_get("app/r", 20, wait=1.0)]
+    assert later == sorted(set(later)) and set(later) <= set(range(10, 30))
+    err = rig.bridge.stderr()
+    assert len(re.findall(r"WARNING saltevent: salt master bus \S+ is down \(", err)) == 1, err
+    assert len(re.findall(r"WARNING saltevent: salt master bus \S+ is back after ", err)) == 1, err
+    rc, err = rig.bridge.stop()
+    assert rc == 0 and "Traceback" not in err, err
+
+
+def test_bridge_survives_a_saltevent_broker_handoff(salt_rig, sock_dir):
+    host = broker_host(sock_dir)                 # the saltevent broker runs in this child
+    try:
+        rig = salt_rig()
+        rig.ready()
+        for half in (0, 30):
+            if half:                             # the broker's process leaves cleanly
+                host.stdin.write("\n")
+                host.stdin.flush()
+                assert host.wait(TIMEOUT) == 0
+            for i in range(half, half + 30):
+                assert rig.firer.fire_event({"i": i}, "app/h")
+            assert rig.salt_fire("salt/h", n=30, start=half)["ok"] == 30
+        at_salt = rig.salt_get("app/h", 60, wait=2 * TIMEOUT)
+        here = collect_tags(rig.listener, {"salt/h": 60})["salt/h"]
+    finally:
+        reap(host)
+    assert [event["data"]["i"] for event in at_salt] == list(range(60))
+    assert [event["data"]["i"] for event in here] == list(range(60))
+    counters = rig.bridge.report()
+    assert counters["saltevent->salt"]["missed"] == 0
+    assert counters["saltevent->salt"]["failed"] == counters["salt->saltevent"]["failed"] == 0
+    assert rig.listener.gaps == 0
+
+
+def test_bridge_one_way_holds_while_salt_is_down_and_flushes_on_sigterm(salt_rig):
+    rig = salt_rig(bridge_args=["--to-salt", "--flush-timeout", "0.5"])
+    rig.ready(down=None)
+    rig.pub.stop()
+    for i in range(5):
+        assert rig.firer.fire_event({"i": i}, "app/held")
+    wait_until(lambda: rig.bridge.report()["saltevent->salt"]["held"] == 5, what="5 held")
+    t0 = time.monotonic()
+    rc, err = rig.bridge.stop()
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 0.5 + 4.0          # the flush gives up after 0.5 s
+    assert re.search(r"saltevent->salt: 5 events held for the salt master bus \S+ were not "
+                     r"forwarded", err), err
+    counters = report_counters(err)
+    assert counters["saltevent->salt"]["failed"] == 5
+    assert counters["saltevent->salt"]["held"] == 0
+    assert "  salt->saltevent: off\n" in err
+
+
+def test_bridge_minion_sends_with_fire_master_as_salt_does(salt_rig):
+    """What a salt-minion forwards to its master is what Salt's own fire_master puts on
+    the minion bus: the bridge's events are that, tag for tag.  (The salt-minion daemon,
+    its connection to a master and the master's side are not run here.)  The Salt side
+    is a minion config file, whose id is also the saltevent side's."""
+    rig = salt_rig(node="minion", minion_id="web1", config=True)
+    rig.ready(up="app/probe", seen_up_as="fire_master")
+    before = rig.bridge.settled()
+    assert rig.firer.fire_event(dict(SENT, n=1), "app/plain")
+    assert rig.firer.fire_master(dict(SENT, n=2), "app/fm")        # saltevent's fire_master
+    assert rig.salt_fire("native/fm", data=dict(SENT, n=3), master=True)["ok"] == 1
+    assert rig.salt_fire("minion/out", data=dict(SENT, n=4))["ok"] == 1
+    wrappers = {}
+    while len(wrappers) < 3:                                    # late probes aside
+        got = rig.salt_get("fire_master", 1)
+        assert got, f"missing fire_master events: {sorted(wrappers)}"
+        if got[0]["data"]["tag"] != "app/probe":
+            wrappers[got[0]["data"]["tag"]] = got[0]
+    native = wrappers.pop("native/fm")["data"]
+    for tag, n in (("app/plain", 1), ("app/fm", 2)):
+        wrapper = wrappers[tag]["data"]
+        assert list(wrapper) == list(native)                # tag, data, events, pretag, _stamp
+        assert (wrapper["events"], wrapper["pretag"]) == (None, None)
+        data = dict(wrapper["data"])
+        mark = data.pop(saltevent.BRIDGE_MARK)
+        assert data == dict(SENT, n=n) and mark["via"] == [rig.bridge.id]
+    assert native["data"] == dict(SENT, n=3, i=0)
+    here = drain(rig.listener, 1, tag="minion/out")            # minion bus -> saltevent
+    assert here[0]["data"]["n"] == 4 and saltevent.BRIDGE_MARK in here[0]["data"]
+    # Salt's fire_master event is forwarded to saltevent as it is; the bridge's own two
+    # came back to it and stopped there.
+    wanted = {"saltevent->salt": {"forwarded": 2, "filtered": 0, "failed": 0, "echoes": 2},
+              "salt->saltevent": {"forwarded": 2, "filtered": 0, "failed": 0, "echoes": 2}}
+    wait_until(lambda: moved(rig.bridge.report(), before) == wanted,
+               what=f"the counters to show {wanted}")
