@@ -782,9 +782,12 @@ def _ensure_sock_dir(sock_dir: str) -> None:
                                     "(Linux, macOS, the BSDs)")
     me = os.geteuid()
     try:
-        os.makedirs(sock_dir, mode=0o700, exist_ok=True)
-        link = os.lstat(sock_dir)
-        info = os.stat(sock_dir)
+        try:
+            link = os.lstat(sock_dir)
+        except FileNotFoundError:
+            os.makedirs(sock_dir, mode=0o700, exist_ok=True)
+            link = os.lstat(sock_dir)
+        info = os.stat(sock_dir) if stat.S_ISLNK(link.st_mode) else link
     except OSError as exc:
         raise BusClosedError(sock_dir, f"cannot use sock_dir: {exc.strerror}{_WAY_OUT}") from exc
     if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
@@ -3881,7 +3884,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._gen = 0
         self._lock = threading.Lock()         # guards the slots' state
         self._cond = threading.Condition(self._lock)
-        self._wake = threading.Event()        # set by destroy(): ends sleeps in _drive
+        self._wake = None                     # set by destroy(): ends sleeps in _drive
         self._pub_slot = _Slot()
         self._pull_slot = _Slot()
         self.node = node
@@ -4029,7 +4032,8 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         """Close everything and wake every blocked call; idempotent.  The object may be
         used again afterwards, as in Salt: firing or listening reconnects."""
         self._gen += 1
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         self._close_async()
         self._handler = None
         self._close_slot(self._pub_slot)
