@@ -265,23 +265,17 @@ def _json_default(obj: Any) -> Any:
 
 _c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
 if _c_make_encoder is not None:
-    # Reusable C encoders, without the circular-reference markers that cost a fresh
-    # encoder per call; recursion is caught where events are encoded.
-    _c_encode = _c_make_encoder(None, _json_default, json.encoder.encode_basestring,
+    # One reusable C encoder, without the circular-reference markers that cost a fresh
+    # encoder per call (recursion is caught where events are encoded).  It writes
+    # ASCII: the fastest path of the C encoder and of str.encode, and text UTF-8
+    # cannot hold (lone surrogates, as os.fsdecode makes) travels as \udXXX escapes.
+    _c_encode = _c_make_encoder(None, _json_default, json.encoder.encode_basestring_ascii,
                                 None, ":", ",", False, False, True)
-    _c_encode_ascii = _c_make_encoder(None, _json_default,
-                                      json.encoder.encode_basestring_ascii,
-                                      None, ":", ",", False, False, True)
 
     def _json_encode(obj: Any) -> str:
         return "".join(_c_encode(obj, 0))
-
-    def _json_encode_ascii(obj: Any) -> str:
-        return "".join(_c_encode_ascii(obj, 0))
 else:  # pragma: no cover - interpreters without the C accelerator
-    _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
-                                    check_circular=False).encode
-    _json_encode_ascii = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+    _json_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -308,23 +302,15 @@ def _json_path_error(data: Any, path: str = "") -> str | None:
 
 
 def _encode_body(data: Any) -> bytes:
-    """Return *data* as UTF-8 JSON; TypeError names a value JSON cannot carry.
-
-    Text that UTF-8 cannot hold (lone surrogates, as ``os.fsdecode`` makes) travels as
-    ``\\udXXX`` escapes, so the listener gets back the same string.
-    """
+    """Return *data* as JSON (ASCII); TypeError names a value JSON cannot carry."""
     try:
-        text = _json_encode(data)
+        return _json_encode(data).encode()
     except TypeError:
         where = _json_path_error(data) or ""
         raise TypeError(f"event data{where} is not JSON serializable "
                         "(events carry dicts, lists, str, numbers, bool and None)") from None
     except (RecursionError, ValueError) as exc:
         raise ValueError(f"event data cannot be encoded: {exc}") from None
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return _json_encode_ascii(data).encode()
 
 
 def _encode_tag(tag: str) -> bytes:
@@ -347,7 +333,7 @@ def _encode_event(tag: str, data: Any) -> bytes:
 
 def _encode_control(msg: dict) -> bytes:
     """Return the C frame of *msg*."""
-    body = _json_encode_ascii(msg).encode()
+    body = _json_encode(msg).encode()
     return _HDR.pack(_CONTROL, 0, 0, len(body)) + body
 
 
@@ -3362,8 +3348,8 @@ class _Firing(_EventBase):
         data["_stamp"] = _stamp()
         try:
             body = _json_encode(data).encode()
-        except (TypeError, ValueError, RecursionError, UnicodeEncodeError):
-            body = _encode_body(data)           # it says what is wrong, or escapes
+        except (TypeError, ValueError, RecursionError):
+            body = _encode_body(data)           # it says what is wrong
         limit = self._max_event_size
         if limit and _too_big(body, limit):
             trimmed = _trim(data, limit)
