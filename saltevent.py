@@ -390,11 +390,12 @@ class _FrameReader:
         return len(self.buf) if self.buf is not None else len(self.head)
 
     def read(self, sock: socket.socket, limit: int = _RECV_BYTES,
-             scratch: bytearray | None = None) -> list:
+             scratch: bytearray | None = None, sink: Any = None) -> list:
         """Receive at most *limit* bytes once; return the frames completed.
 
         With *scratch* (a buffer of at least ``_SCRATCH_BYTES``, reused from read to
         read: the caller copies out what it keeps) nothing is allocated per read.
+        With *sink* (a client's connection) the frames go to it instead (see _parse).
         """
         buf = self.buf
         if buf is not None:
@@ -407,7 +408,7 @@ class _FrameReader:
                 return []
             self.buf = None
             self.got = 0
-            return self._parse(buf)
+            return self._parse(buf, None, sink)
         if scratch is not None:
             head = self.head
             if head:
@@ -423,7 +424,7 @@ class _FrameReader:
             return []
         if self.head:
             chunk = self.head + chunk
-        return self._parse(chunk)
+        return self._parse(chunk, None, sink)
 
     def alloc(self) -> None:
         """Move the unfinished big frame into a buffer of its own size."""
@@ -432,12 +433,22 @@ class _FrameReader:
         buf[:len(head)] = head
         self.buf, self.got, self.head, self.need = buf, len(head), b"", 0
 
-    def _parse(self, data: Any, size: int | None = None) -> list:
+    def _parse(self, data: Any, size: int | None = None, sink: Any = None) -> list:
+        """Check and cut ``data[:size]`` into frames; keep an unfinished one's start.
+
+        Without *sink* return the frames.  With one (a client's _Conn) each event goes
+        straight to ``sink.append((tag, body, seq))``, numbered from ``sink.seq``, and
+        every other frame to ``sink.control(kind, data, body, end, seq)``, which returns
+        the number of the last event; nothing is returned then.
+        """
         frames = []
         if size is None:
             size = len(data)
         off = 0
         unpack = _HDR.unpack_from
+        if sink is not None:
+            append, seq = sink.append, sink.seq
+            view = data if data.__class__ is bytes else memoryview(data)   # never copy big
         while size - off >= _HDR_SIZE:
             kind, flags, taglen, bodylen = unpack(data, off)
             body = off + _HDR_SIZE + taglen
@@ -457,12 +468,21 @@ class _FrameReader:
                 except UnicodeDecodeError:
                     raise FrameError("event tag is not valid UTF-8",
                                      data[off + _HDR_SIZE:body]) from None
+                if sink is not None:
+                    seq += 1
+                    append((tag, view[body:end], seq))
+                    off = end
+                    continue
             elif kind == _CONTROL or kind == _MARK:
                 if taglen or flags or bodylen > _MAX_CONTROL_BYTES or (
                         kind == _MARK and bodylen != _SEQ.size):
                     raise FrameError("malformed control frame header", data[off:off + 16])
                 if end > size:
                     break
+                if sink is not None:
+                    seq = sink.control(kind, data, body, end, seq)
+                    off = end
+                    continue
                 tag = None
             else:
                 raise FrameError(f"not a saltevent frame (kind byte 0x{kind:02x}; an older "
@@ -470,6 +490,8 @@ class _FrameReader:
                                  data[off:off + 16])
             frames.append((kind, tag, data, off, body, end))
             off = end
+        if sink is not None:
+            sink.seq = seq
         if off == size:
             self.head = b""
             self.need = 0
@@ -2609,7 +2631,7 @@ class _Conn:
     sync API and the asyncio face.  Not thread-safe.
     """
 
-    __slots__ = ("sock", "reader", "bye", "eof", "seq", "epoch")
+    __slots__ = ("sock", "reader", "bye", "eof", "seq", "epoch", "append", "_controls")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -2618,6 +2640,8 @@ class _Conn:
         self.eof = False          # the broker closed the connection
         self.seq = 0              # number of the last event received
         self.epoch = None
+        self.append = None        # where a read puts events (the caller's queue)
+        self._controls = []
 
     def recv_into(self, events: Any) -> list:
         """Read once without blocking; queue events; return other control frames.
@@ -2628,46 +2652,39 @@ class _Conn:
         reader = self.reader
         if reader.need:
             reader.alloc()
+        self.append = events.append
+        self._controls = controls = []
         try:
-            frames = reader.read(self.sock, _RECV_BYTES)
+            reader.read(self.sock, _RECV_BYTES, None, self)
         except (ConnectionResetError, BrokenPipeError):
-            frames = []
             reader.eof = True
         if reader.need:
             reader.alloc()
-        controls = []
-        if frames:
-            data = frames[0][2]                 # one read: one buffer for all its frames
-            view = data if data.__class__ is bytes else memoryview(data)   # never copy big
-            append = events.append
-            seq = self.seq
-            for kind, tag, data, _start, body, end in frames:
-                if kind == _EVENT:
-                    seq += 1
-                    append((tag, view[body:end], seq))
-                elif kind == _MARK:
-                    seq = _SEQ.unpack_from(data, body)[0] - 1
-                else:
-                    msg = _decode_control(view[body:end])
-                    ctl = msg["ctl"]
-                    if ctl == "drop" or ctl == "gap":
-                        append((None, msg, seq))
-                    elif ctl == "bye":
-                        self.bye = True
-                        try:
-                            self.sock.shutdown(socket.SHUT_WR)   # we are done here
-                        except OSError:
-                            pass
-                    else:
-                        if ctl == "ok" or ctl == "hello":
-                            self.epoch = msg.get("epoch")
-                            if ctl == "ok" and msg.get("seq").__class__ is int:
-                                seq = msg["seq"]
-                        controls.append(msg)
-            self.seq = seq
         if reader.eof:
             self.eof = True
         return controls
+
+    def control(self, kind: int, data: Any, body: int, end: int, seq: int) -> int:
+        """Act on a frame that is not an event; return the number of the last event."""
+        if kind == _MARK:
+            return _SEQ.unpack_from(data, body)[0] - 1
+        msg = _decode_control(data[body:end])
+        ctl = msg["ctl"]
+        if ctl == "drop" or ctl == "gap":
+            self.append((None, msg, seq))      # at the point of the hole
+        elif ctl == "bye":
+            self.bye = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)     # we are done here
+            except OSError:
+                pass
+        else:
+            if ctl == "ok" or ctl == "hello":
+                self.epoch = msg.get("epoch")
+                if ctl == "ok" and msg.get("seq").__class__ is int:
+                    seq = msg["seq"]
+            self._controls.append(msg)
+        return seq
 
     def handed_off(self) -> bool:
         """Return True if the broker said bye or went away (a firing connection)."""
