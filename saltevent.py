@@ -1750,8 +1750,6 @@ class _Outbox:
                         peer.stats_pending = None
             if full:
                 break
-        if not out:
-            peer.out = _NO_OUTPUT          # an idle peer holds no queue
         self._watch(peer)
 
     def _discard_output(self, peer: _Peer) -> None:
@@ -2221,6 +2219,9 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             self._resume_paused()          # frames held too long were evicted for them
         if self._ring.grace_until and now >= self._ring.grace_until:
             self._ring.end_grace(self._release)
+        for peer in self._peers:
+            if not peer.out and peer.out is not _NO_OUTPUT:
+                peer.out = _NO_OUTPUT          # an idle peer holds no queue
         if self._peers:
             self._idle_since = now
         elif self._idle_exit is not None and now - self._idle_since >= self._idle_exit:
