@@ -446,6 +446,7 @@ class _FrameReader:
             size = len(data)
         off = 0
         unpack = _HDR.unpack_from
+        max_frame = self.max_frame
         if sink is not None:
             append, seq = sink.append, sink.seq
             view = data if data.__class__ is bytes else memoryview(data)   # never copy big
@@ -454,9 +455,9 @@ class _FrameReader:
             body = off + _HDR_SIZE + taglen
             end = body + bodylen
             if kind == _EVENT:
-                if end - off > self.max_frame:
+                if end - off > max_frame:
                     raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
-                                     f"{self.max_frame}")
+                                     f"{max_frame}")
                 if not taglen or bodylen < 2 or flags:
                     raise FrameError("malformed event frame header", data[off:off + 16])
                 if end > size:
