@@ -4704,81 +4704,6 @@ class Bridge:
             d.held.clear()
 
 
-def _seconds(text: str) -> float:
-    import argparse
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
-def _bridge_arguments(sub: Any) -> None:
-    """The bridge command's own options (the common ones choose the saltevent bus)."""
-    where = sub.add_mutually_exclusive_group()
-    where.add_argument("--salt-config", metavar="FILE",
-                       help="Salt's master or minion config, read with Salt's own loader "
-                            "(default with --salt-node alone: /etc/salt/NODE)")
-    where.add_argument("--salt-sock-dir", metavar="DIR",
-                       help="the sock_dir of the Salt bus instead (a minion's needs --id)")
-    sub.add_argument("--salt-node", choices=_SALT_NODES,
-                     help="the Salt bus is a master's or a minion's (default: from the "
-                          "config file's name, else master)")
-    sub.add_argument("--to-salt", action="append", nargs="?", const="*", metavar="TAG",
-                     help="forward saltevent events whose tag matches TAG (a prefix or a "
-                          "glob; repeatable; alone: every tag) to Salt")
-    sub.add_argument("--from-salt", action="append", nargs="?", const="*", metavar="TAG",
-                     help="forward Salt events whose tag matches TAG to saltevent; with "
-                          "neither option both directions forward every tag, with one "
-                          "only that direction runs")
-    sub.add_argument("--bridge-id", metavar="ID",
-                     help=f"the id in {BRIDGE_MARK}['via'] (default: host name and a hash "
-                          "of the two buses)")
-    sub.add_argument("--flush-timeout", type=_seconds, default=_BRIDGE_FLUSH, metavar="S",
-                     help="seconds to spend at exit forwarding what the bridge holds "
-                          f"(default {_BRIDGE_FLUSH:g})")
-
-
-def _cmd_bridge(args: Any) -> int:
-    import signal
-    if not (args.salt_config or args.salt_sock_dir or args.salt_node):
-        raise _UsageError("say where the Salt bus is: --salt-config FILE, --salt-sock-dir "
-                          "DIR, or --salt-node NODE for /etc/salt/NODE")
-    to_salt, from_salt = args.to_salt, args.from_salt
-    if to_salt is None and from_salt is None:
-        to_salt = from_salt = ["*"]
-    opts = {"id": args.id} if args.id else {}      # else the Salt minion's id, not the host's
-    try:
-        bridge = Bridge(salt_config=args.salt_config, salt_node=args.salt_node,
-                        salt_sock_dir=args.salt_sock_dir, node=args.node,
-                        sock_dir=args.sock_dir, opts=opts, to_salt=to_salt or (),
-                        from_salt=from_salt or (), bridge_id=args.bridge_id,
-                        flush_timeout=args.flush_timeout)
-    except ValueError as exc:
-        raise _UsageError(str(exc)) from None
-
-    def report(*_: Any) -> None:
-        print(bridge.report(), file=sys.stderr, flush=True)
-
-    handlers = {signal.SIGTERM: lambda *_: bridge.stop(), signal.SIGINT: lambda *_: bridge.stop()}
-    for name, handler in (("SIGHUP", handlers[signal.SIGTERM]), ("SIGUSR1", report)):
-        if hasattr(signal, name):
-            handlers[getattr(signal, name)] = handler
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()} if (
-        in_main) else {}
-    try:
-        bridge.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if bridge._ran:
-            report()
-    return 0
-
-
 # -- CLI ----------------------------------------------------------------------
 
 _EXAMPLES = {
@@ -5150,6 +5075,81 @@ def _cmd_stats(args: Any, node: str) -> int:
     for item in stats["per_listener"]:
         print(f"listener    pid {item['pid']}: {item['events_out']} events out, "
               f"{item['dropped']} dropped, {item['queued_bytes']} bytes queued")
+    return 0
+
+
+def _seconds(text: str) -> float:
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _bridge_arguments(sub: Any) -> None:
+    """The bridge command's own options (the common ones choose the saltevent bus)."""
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--salt-config", metavar="FILE",
+                       help="Salt's master or minion config, read with Salt's own loader "
+                            "(default with --salt-node alone: /etc/salt/NODE)")
+    where.add_argument("--salt-sock-dir", metavar="DIR",
+                       help="the sock_dir of the Salt bus instead (a minion's needs --id)")
+    sub.add_argument("--salt-node", choices=_SALT_NODES,
+                     help="the Salt bus is a master's or a minion's (default: from the "
+                          "config file's name, else master)")
+    sub.add_argument("--to-salt", action="append", nargs="?", const="*", metavar="TAG",
+                     help="forward saltevent events whose tag matches TAG (a prefix or a "
+                          "glob; repeatable; alone: every tag) to Salt")
+    sub.add_argument("--from-salt", action="append", nargs="?", const="*", metavar="TAG",
+                     help="forward Salt events whose tag matches TAG to saltevent; with "
+                          "neither option both directions forward every tag, with one "
+                          "only that direction runs")
+    sub.add_argument("--bridge-id", metavar="ID",
+                     help=f"the id in {BRIDGE_MARK}['via'] (default: host name and a hash "
+                          "of the two buses)")
+    sub.add_argument("--flush-timeout", type=_seconds, default=_BRIDGE_FLUSH, metavar="S",
+                     help="seconds to spend at exit forwarding what the bridge holds "
+                          f"(default {_BRIDGE_FLUSH:g})")
+
+
+def _cmd_bridge(args: Any) -> int:
+    import signal
+    if not (args.salt_config or args.salt_sock_dir or args.salt_node):
+        raise _UsageError("say where the Salt bus is: --salt-config FILE, --salt-sock-dir "
+                          "DIR, or --salt-node NODE for /etc/salt/NODE")
+    to_salt, from_salt = args.to_salt, args.from_salt
+    if to_salt is None and from_salt is None:
+        to_salt = from_salt = ["*"]
+    opts = {"id": args.id} if args.id else {}      # else the Salt minion's id, not the host's
+    try:
+        bridge = Bridge(salt_config=args.salt_config, salt_node=args.salt_node,
+                        salt_sock_dir=args.salt_sock_dir, node=args.node,
+                        sock_dir=args.sock_dir, opts=opts, to_salt=to_salt or (),
+                        from_salt=from_salt or (), bridge_id=args.bridge_id,
+                        flush_timeout=args.flush_timeout)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+    def report(*_: Any) -> None:
+        print(bridge.report(), file=sys.stderr, flush=True)
+
+    handlers = {signal.SIGTERM: lambda *_: bridge.stop(), signal.SIGINT: lambda *_: bridge.stop()}
+    for name, handler in (("SIGHUP", handlers[signal.SIGTERM]), ("SIGUSR1", report)):
+        if hasattr(signal, name):
+            handlers[getattr(signal, name)] = handler
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()} if (
+        in_main) else {}
+    try:
+        bridge.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if bridge._ran:
+            report()
     return 0
 
 
