@@ -171,7 +171,9 @@ _SEND_BYTES = 256 << 10                # bytes offered to one sendmsg(), about a
 _INPUT_BUDGET = 40 << 20               # bytes of unfinished frames held for all clients
 _CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all clients
 _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
-_MAX_TAG_FILTERS = 256                 # tag filters one listener may declare
+_MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
+_MAX_TAG_FILTER_CHARS = 4096           # ... and their characters, all together
+_CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
 _TOTAL_BACKLOG_FACTOR = 4              # all listeners' queues: this many backlogs at most
 _STATS_LISTENERS = 100                 # listeners detailed in one stats reply, at most
 _SPAWNED_IDLE_EXIT = 5.0               # seconds a spawned broker process outlives its clients
@@ -696,9 +698,10 @@ class _TagIndex:
                 if (glob is None or glob.match(tag)) and peer not in found:
                     found.append(peer)
         hit = tuple(found)
-        if len(self._cache) >= 4096:
-            self._cache.clear()
-        self._cache[tag] = hit
+        if len(tag) <= _CACHED_TAG_CHARS:      # bounded: 4096 short tags at most
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[tag] = hit
         return hit
 
 
@@ -1441,9 +1444,10 @@ class _Listeners:
             tags = msg.get("tags")
             if tags is not None:
                 if (not isinstance(tags, list) or len(tags) > _MAX_TAG_FILTERS
-                        or not all(isinstance(t, str) and len(t) <= 1024 for t in tags)):
+                        or not all(isinstance(t, str) for t in tags)
+                        or sum(map(len, tags)) > _MAX_TAG_FILTER_CHARS):
                     raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
-                                     "strings")
+                                     f"strings of {_MAX_TAG_FILTER_CHARS} characters in all")
                 filters = [_tag_filter(t) for t in tags]
             else:
                 filters = None
@@ -1847,6 +1851,14 @@ class _Succession:
         log.warning("broker of %s bound its socket path again (it was removed or replaced)",
                     self.bus.path)
 
+    def _unlink_own_path(self) -> None:
+        """Remove the bus's socket path if it still leads to this broker."""
+        if not self._ousted and _ident(self.bus.path) == self._ident:
+            try:
+                os.unlink(self.bus.path)
+            except OSError:
+                pass
+
     def _handoff(self) -> None:
         """Give up the bus without losing an event.  Runs on the broker thread.
 
@@ -1859,11 +1871,7 @@ class _Succession:
         the state file, the lock is released, and every connection closed: listeners
         resume on the next broker after the last event they got.
         """
-        if not self._ousted and _ident(self.bus.path) == self._ident:
-            try:
-                os.unlink(self.bus.path)
-            except OSError:
-                pass
+        self._unlink_own_path()
         self._accept()
         sock, self._listen_sock = self._listen_sock, None
         if sock is not None:
@@ -2139,11 +2147,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._index = _TagIndex()
         sock, self._listen_sock = self._listen_sock, None
         if sock is not None:
-            if not self._ousted and _ident(self.bus.path) == self._ident:
-                try:
-                    os.unlink(self.bus.path)
-                except OSError:
-                    pass
+            self._unlink_own_path()
             sock.close()
         lock_fd, self._lock_fd = self._lock_fd, None
         if lock_fd is not None:
@@ -3358,9 +3362,10 @@ class _Firing(_EventBase):
             if not tag:
                 raise ValueError("Empty tag.")
             raw_tag = _encode_tag(tag)
-            if len(_tag_cache) >= 1024:
-                _tag_cache.clear()
-            _tag_cache[tag] = raw_tag
+            if len(tag) <= _CACHED_TAG_CHARS:
+                if len(_tag_cache) >= 1024:
+                    _tag_cache.clear()
+                _tag_cache[tag] = raw_tag
         if data.__class__ is not dict and not isinstance(data, Mapping):
             raise ValueError(f"Dict object expected, not '{data}'.")
         data = dict(data)
@@ -3956,9 +3961,10 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         if tags is not None:
             if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
                 raise TypeError("opts['saltevent_tags'] must be a list of tag prefixes or globs")
-            if len(tags) > _MAX_TAG_FILTERS:
-                raise ValueError(f"opts['saltevent_tags'] has {len(tags)} entries; at most "
-                                 f"{_MAX_TAG_FILTERS}")
+            if len(tags) > _MAX_TAG_FILTERS or sum(map(len, tags)) > _MAX_TAG_FILTER_CHARS:
+                raise ValueError(f"opts['saltevent_tags'] has {len(tags)} entries of "
+                                 f"{sum(map(len, tags))} characters; at most "
+                                 f"{_MAX_TAG_FILTERS} of {_MAX_TAG_FILTER_CHARS} in all")
             tags = list(tags)
         self._filters = tags
         self._replay = None

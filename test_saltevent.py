@@ -3246,6 +3246,20 @@ def test_declared_tag_filters_are_prefixes_or_globs(pattern, tag, wanted):
     assert (index.match(tag) == ("peer",)) is wanted
 
 
+def test_declared_tag_filters_are_bounded_with_a_clear_error(sock_dir):
+    """A listener's filters cost the broker memory and time per event: 64 of them and
+    4,096 characters in all at most; more is refused before connecting, by name."""
+    for tags in (["t/"] * 65, ["x" * 2049, "y" * 2048]):
+        with pytest.raises(ValueError, match="saltevent_tags"):
+            MasterEvent(sock_dir, opts={"saltevent_tags": tags})
+    fine = ["myco/%d/" % i for i in range(63)] + ["z" * (4096 - sum(
+        len("myco/%d/" % i) for i in range(63)) - 1) + "*"]
+    with MasterEvent(sock_dir, opts={"saltevent_tags": fine}) as ev:
+        assert ev.fire_event({"n": 1}, "myco/62/deploy")
+        got = ev.get_event(wait=TIMEOUT, full=True)
+        assert got == {"tag": "myco/62/deploy", "data": got["data"]} and got["data"]["n"] == 1
+
+
 # -- Catching up: sequence numbers, replay, exact gaps ------------------------
 
 
@@ -4811,7 +4825,9 @@ def fuzz_poison(rng):
         wire(C, b"", b'{"ctl":7}'),
         wire(C, b"", b'{"ctl":"sub"'),
         control_frame({"ctl": "sub", "backlog": rng.choice(["lots", -1, 0, 1 << 63, 1.5])}),
-        control_frame({"ctl": "sub", "tags": rng.choice(["t", [1], ["t"] * 300, ["x" * 2000]])}),
+        control_frame({"ctl": "sub", "tags": rng.choice(
+            ["t", [1], ["t"] * (saltevent._MAX_TAG_FILTERS + 1),
+             ["x" * 1000] * (saltevent._MAX_TAG_FILTER_CHARS // 1000 + 1)])}),
         control_frame({"ctl": "sub"}) + control_frame({"ctl": "sub"}),
         bytes([not_a_kind]) + fuzz_bytes(rng, rng.randrange(0, 7)) + event_frame("t", {}),
     ])
