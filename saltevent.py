@@ -2802,6 +2802,23 @@ class _EventBase:
         self._forget_fd(conn.sock)
         conn.close()
 
+    def _connect_side(self, slot: _Slot, timeout: float | None, steps: Callable,
+                      what: str) -> bool:
+        """Take *slot* and run ``steps(deadline, gen)`` to connect it, within *timeout*:
+        True, or (as Salt's boolean API reports a failure) False or the raised error."""
+        gen = self._gen
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._asked_timeout = timeout
+        try:
+            self._claim(slot, deadline, gen)
+            try:
+                steps(deadline, gen)
+            finally:
+                self._unclaim(slot)
+        except (SaltEventError, OSError) as exc:
+            return self._failed(what, exc)
+        return True
+
     def _timeout_of(self, deadline: float | None) -> float | None:
         return getattr(self, "_asked_timeout", None)
 
@@ -3082,22 +3099,14 @@ class _Listening(_EventBase):
         With ``raise_errors`` a failure raises instead.  After destroy() it listens again.
         """
         self._open()
-        slot = self._pub_slot
-        if slot.conn is not None:
+        if self._pub_slot.conn is not None:
             return True
-        gen = self._gen
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._asked_timeout = timeout
-        try:
-            self._claim(slot, deadline, gen)
-            try:
-                if slot.conn is None:
-                    slot.conn = _drive(self._subscribe_steps(deadline, gen), self._wake)
-            finally:
-                self._unclaim(slot)
-        except (SaltEventError, OSError) as exc:
-            return self._failed("cannot listen", exc)
-        return True
+        return self._connect_side(self._pub_slot, timeout, self._register_pub, "cannot listen")
+
+    def _register_pub(self, deadline: float | None, gen: int) -> None:
+        slot = self._pub_slot
+        if slot.conn is None:                  # another thread may have connected it
+            slot.conn = _drive(self._subscribe_steps(deadline, gen), self._wake)
 
     def close_pub(self) -> None:
         """Close the listening side; as in Salt, cached and unread events are dropped."""
@@ -3304,19 +3313,10 @@ class _Firing(_EventBase):
     def connect_pull(self, timeout: float | None = 1) -> bool:
         """Connect the firing side; True on success, False after *timeout* seconds."""
         self._open()
-        gen = self._gen
-        slot = self._pull_slot
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._asked_timeout = timeout
-        try:
-            self._claim(slot, deadline, gen)
-            try:
-                _drive(self._pull_steps(deadline), self._wake)
-            finally:
-                self._unclaim(slot)
-        except (SaltEventError, OSError) as exc:
-            return self._failed("cannot fire", exc)
-        return True
+        return self._connect_side(
+            self._pull_slot, timeout,
+            lambda deadline, gen: _drive(self._pull_steps(deadline), self._wake),
+            "cannot fire")
 
     def close_pull(self) -> None:
         """Close the firing side."""
