@@ -174,6 +174,8 @@ _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
 _MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
 _MAX_TAG_FILTER_CHARS = 4096           # ... and their characters, all together
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
+_BATCH_EVENTS = 256                    # queued events a listener decodes in one call ...
+_BATCH_BYTES = 64 << 10                # ... and their bytes, at most
 _TOTAL_BACKLOG_FACTOR = 4              # all listeners' queues: this many backlogs at most
 _STATS_LISTENERS = 100                 # listeners detailed in one stats reply, at most
 _SPAWNED_IDLE_EXIT = 5.0               # seconds a spawned broker process outlives its clients
@@ -2984,6 +2986,14 @@ class _Listening(_EventBase):
     def _decoded(self, tag: str, body: Any, seq: int) -> dict | None:
         """Return the full event of a queued one, or None (counted, logged) if its data
         cannot be decoded."""
+        ready = self._ready
+        if ready:
+            raw, data = ready.popleft()
+            if raw is body:                    # decoded with the events before it
+                if self._seq_keys:
+                    return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
+                return {"data": data, "tag": tag}
+            ready.clear()                      # the queue was used another way
         try:                                   # _decode_data's common case, inline
             text = body.decode() if body.__class__ is bytes else str(body, "utf-8")
             data, end = _scan_once(text, 0)
@@ -2996,6 +3006,44 @@ class _Listening(_EventBase):
         if self._seq_keys:
             return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
         return {"data": data, "tag": tag}       # Salt's key order
+
+    def _decode_batch(self, body: bytes, events: Any) -> None:
+        """Decode *body* and the small events queued behind it with one call of the JSON
+        scanner, for _decoded() to hand out in order.
+
+        Each body must be exactly one JSON object, whatever the bodies around it hold: a
+        body that is two objects, or that opens a string or a bracket the next body closes,
+        must not shift data onto another event's tag.  So the bodies are joined with a
+        random string none of them can know, ``[B1,"N",B2,"N",...]``, and the batch counts
+        only if that string stands at every odd place and nowhere else; then each body
+        was one value on its own.  If not (or the text is not UTF-8, or nests too deep),
+        nothing is kept and every event is decoded, and counted, on its own.
+        """
+        bodies = [body]
+        size = len(body)
+        for tag, raw, _seq in events:
+            if tag is None or raw.__class__ is not bytes or len(bodies) == _BATCH_EVENTS:
+                break
+            size += len(raw)
+            if size > _BATCH_BYTES:
+                break
+            bodies.append(raw)
+        if len(bodies) < 2:
+            return
+        nonce = os.urandom(12).hex()
+        sep = f',"{nonce}",'.encode()
+        try:
+            text = (b"[" + sep.join(bodies) + sep[:-1] + b"]").decode()
+            values, end = _scan_once(text, 0)
+        except (ValueError, StopIteration, RecursionError):
+            return
+        count = len(bodies)
+        if (end != len(text) or values.__class__ is not list or len(values) != 2 * count
+                or values[1::2] != [nonce] * count):
+            return
+        datas = values[0::2]
+        if set(map(type, datas)) == {dict}:
+            self._ready = collections.deque(zip(bodies, datas))
 
     def _malformed(self, tag: str, body: Any) -> None:
         """Count and log (once a second at most) an event whose data cannot be decoded."""
@@ -3048,6 +3096,8 @@ class _Listening(_EventBase):
                     return gap
                 continue
             if every or match(etag, tag):
+                if every and events and not self._ready and body.__class__ is bytes:
+                    self._decode_batch(body, events)
                 event = self._decoded(etag, body, seq)
                 if event is not None:
                     self.last_seq = seq
@@ -3114,6 +3164,7 @@ class _Listening(_EventBase):
         self._close_slot(self._pub_slot)
         self.pending_events = []
         self._events.clear()
+        self._ready.clear()
 
     def get_event(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                   match_type: str | None = None, no_block: bool = False,
@@ -3918,6 +3969,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self.last_seq = None
         self.epoch = None
         self._events = collections.deque()
+        self._ready = collections.deque()      # (body, data) decoded ahead, see _decoded
         self._bye_checked = 0.0
         self._warn_after = 0.0
         self._bad_warn_after = 0.0
@@ -4051,6 +4103,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._close_slot(self._pull_slot)
         self.pending_events = []               # as Salt's close_pub(): unread events go
         self._events.clear()
+        self._ready.clear()
         with self._cond:
             self._cond.notify_all()
         bus, self._attached = self._attached, None

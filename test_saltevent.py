@@ -1221,6 +1221,35 @@ HOSTILE = [
 ]
 
 
+def test_bodies_that_split_or_join_never_shift_data_onto_another_tag(sock_dir, listener):
+    """A listener decodes queued events in batches.  Bodies the broker relays (framed
+    well, braces at both ends) that are two objects, or that open a string the next one
+    closes, must not move data between events: each surfaces with its own data or is
+    skipped and counted, and the events around them are intact."""
+    hostile = [
+        (b"x/split", b'{"a":1},{"stolen":1}'),             # two objects: one too many ...
+        (b"v/victim", b'{"mine":1}'),
+        (b"x/open", b'{"x":"}'),                           # ... and two that join into one
+        (b"x/close", b'{","y":1}'),
+        (b"v/after", b'{"mine":2}'),
+    ]
+    rounds = 50                                  # sent at once: decoded in one batch
+    for extra in ([], [(b"x/bracket", b'{"z":[{"w":1}')]):
+        payload = b"".join(wire(E, tag, body) for tag, body in hostile + extra) * rounds
+        with raw_client(bus_path(sock_dir)) as sock:
+            sock.sendall(payload + event_frame("v/end", {}))
+            got = drain(listener, 10 ** 6, until="v/end")
+        assert [(e["tag"], e["data"]) for e in got] == [
+            ("v/victim", {"mine": 1}), ("v/after", {"mine": 2})] * rounds
+    assert listener.malformed == 7 * rounds
+    good = [wire(E, b"v/n", json.dumps({"i": i}).encode()) for i in range(300)]
+    with raw_client(bus_path(sock_dir)) as sock:
+        sock.sendall(b"".join(good) + event_frame("v/end", {}))
+        got = drain(listener, 10 ** 6, until="v/end")
+    assert [e["data"]["i"] for e in got] == list(range(300))
+    assert listener.malformed == 7 * rounds
+
+
 def test_hostile_clients_are_dropped_others_carry_on(sock_dir, listener, firer, caplog):
     caplog.set_level(logging.WARNING, logger="saltevent")
     path = bus_path(sock_dir)
