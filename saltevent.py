@@ -959,6 +959,14 @@ class _Election(tuple):
     ident = property(lambda self: self[2])
     state = property(lambda self: self[3])
 
+    def give_up(self, path: str) -> None:
+        """Release what the election took (a broker could not start): the socket, its
+        path if still ours, and the lock, so that another process can be elected."""
+        self.sock.close()
+        if _ident(path) == self.ident:
+            os.unlink(path)
+        os.close(self.lock_fd)
+
 
 def _ident(path: str) -> tuple | None:
     try:
@@ -2465,10 +2473,7 @@ def _start_broker(bus: _Bus, opts: Mapping | None = None) -> bool:
                     broker = Broker(bus, elected, opts)
                     broker.start()
                 except BaseException:
-                    elected.sock.close()
-                    if _ident(bus.path) == elected.ident:
-                        os.unlink(bus.path)
-                    os.close(elected.lock_fd)
+                    elected.give_up(bus.path)
                     raise
                 _brokers[bus.path] = broker
                 running = True
@@ -5072,10 +5077,7 @@ def _cmd_bus(args: Any, node: str) -> int:
     try:
         broker = Broker(bus, elected, opts)
     except BaseException:
-        elected.sock.close()
-        if _ident(bus.path) == elected.ident:
-            os.unlink(bus.path)
-        os.close(elected.lock_fd)
+        elected.give_up(bus.path)
         raise
     log.info("serving %s (pid %d, epoch %s); SIGTERM or Ctrl-C hands off and stops",
              bus.path, os.getpid(), broker.epoch)
