@@ -459,25 +459,25 @@ class _FrameReader:
             body = off + _HDR_SIZE + taglen
             end = body + bodylen
             if kind == _EVENT:
-                if end - off > max_frame:
-                    raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
-                                     f"{max_frame}")
                 if not taglen or bodylen < 2 or flags:
                     raise FrameError("malformed event frame header", data[off:off + 16])
-                if end > size:
+                if end > size:                 # (a whole frame is no bigger than a read)
+                    if end - off > max_frame:
+                        raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
+                                         f"{max_frame}")
                     break
-                if data[body] != _LBRACE or data[end - 1] != _RBRACE:
-                    raise FrameError("event data is not a JSON object", data[body:body + 40])
                 try:
                     tag = data[off + _HDR_SIZE:body].decode()
                 except UnicodeDecodeError:
                     raise FrameError("event tag is not valid UTF-8",
                                      data[off + _HDR_SIZE:body]) from None
-                if sink is not None:
+                if sink is not None:           # a client decodes the data itself
                     seq += 1
                     append((tag, view[body:end], seq))
                     off = end
                     continue
+                if data[body] != _LBRACE or data[end - 1] != _RBRACE:
+                    raise FrameError("event data is not a JSON object", data[body:body + 40])
             elif kind == _CONTROL or kind == _MARK:
                 if taglen or flags or bodylen > _MAX_CONTROL_BYTES or (
                         kind == _MARK and bodylen != _SEQ.size):
@@ -2991,30 +2991,25 @@ class _Listening(_EventBase):
     def _decoded(self, tag: str, body: Any, seq: int) -> dict | None:
         """Return the full event of a queued one, or None (counted, logged) if its data
         cannot be decoded."""
-        ready = self._ready
-        if ready:
-            raw, data = ready.popleft()
-            if raw is body:                    # decoded with the events before it
-                if self._seq_keys:
-                    return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
-                return {"data": data, "tag": tag}
-            ready.clear()                      # the queue was used another way
-        try:                                   # _decode_data's common case, inline
-            text = body.decode() if body.__class__ is bytes else str(body, "utf-8")
-            data, end = _scan_once(text, 0)
-            good = end == len(text) and data.__class__ is dict
-        except (ValueError, StopIteration, RecursionError):
-            good = False
-        if not good:
-            self._malformed(tag, body)
-            return None
+        if body.__class__ is dict:             # decoded with the events before it
+            data = body
+        else:
+            try:                               # _decode_data's common case, inline
+                text = body.decode() if body.__class__ is bytes else str(body, "utf-8")
+                data, end = _scan_once(text, 0)
+                good = end == len(text) and data.__class__ is dict
+            except (ValueError, StopIteration, RecursionError):
+                good = False
+            if not good:
+                self._malformed(tag, body)
+                return None
         if self._seq_keys:
             return {"data": data, "tag": tag, "seq": seq, "epoch": self.epoch}
         return {"data": data, "tag": tag}       # Salt's key order
 
-    def _decode_batch(self, body: bytes, events: Any) -> None:
-        """Decode *body* and the small events queued behind it with one call of the JSON
-        scanner, for _decoded() to hand out in order.
+    def _decode_batch(self, events: Any) -> None:
+        """Decode the small events at the head of the queue with one call of the JSON
+        scanner: each queued ``(tag, body, seq)`` becomes ``(tag, data, seq)``.
 
         Each body must be exactly one JSON object, whatever the bodies around it hold: a
         body that is two objects, or that opens a string or a bracket the next body closes,
@@ -3022,10 +3017,11 @@ class _Listening(_EventBase):
         random string none of them can know, ``[B1,"N",B2,"N",...]``, and the batch counts
         only if that string stands at every odd place and nowhere else; then each body
         was one value on its own.  If not (or the text is not UTF-8, or nests too deep),
-        nothing is kept and every event is decoded, and counted, on its own.
+        each is decoded on its own, once: a body that fails stays raw, to be counted
+        when it is taken.
         """
-        bodies = [body]
-        size = len(body)
+        bodies = []
+        size = 0
         for tag, raw, _seq in events:
             if tag is None or raw.__class__ is not bytes or len(bodies) == _BATCH_EVENTS:
                 break
@@ -3033,22 +3029,33 @@ class _Listening(_EventBase):
             if size > _BATCH_BYTES:
                 break
             bodies.append(raw)
-        if len(bodies) < 2:
+        count = len(bodies)
+        if count < 2:
             return
         nonce = os.urandom(12).hex()
         sep = f',"{nonce}",'.encode()
+        values = None
         try:
             text = (b"[" + sep.join(bodies) + sep[:-1] + b"]").decode()
             values, end = _scan_once(text, 0)
         except (ValueError, StopIteration, RecursionError):
-            return
-        count = len(bodies)
-        if (end != len(text) or values.__class__ is not list or len(values) != 2 * count
-                or values[1::2] != [nonce] * count):
-            return
-        datas = values[0::2]
-        if set(map(type, datas)) == {dict}:
-            self._ready = collections.deque(zip(bodies, datas))
+            pass
+        if (values.__class__ is list and end == len(text) and len(values) == 2 * count
+                and values[1::2] == [nonce] * count):
+            datas = values[0::2]
+        else:
+            datas = ()
+        if set(map(type, datas)) != {dict}:    # decode each on its own; a bad body stays
+            datas = []                         # raw (not bytes: it is not batched again)
+            for raw in bodies:
+                try:
+                    datas.append(_decode_data(raw))
+                except FrameError:
+                    datas.append(memoryview(raw))
+        popleft = events.popleft
+        head = [popleft() for _ in range(count)]
+        events.extendleft(reversed([(tag, data, seq) for (tag, _raw, seq), data
+                                    in zip(head, datas)]))
 
     def _malformed(self, tag: str, body: Any) -> None:
         """Count and log (once a second at most) an event whose data cannot be decoded."""
@@ -3101,8 +3108,13 @@ class _Listening(_EventBase):
                     return gap
                 continue
             if every or match(etag, tag):
-                if every and events and not self._ready and body.__class__ is bytes:
-                    self._decode_batch(body, events)
+                if body.__class__ is dict and not self._seq_keys:     # the fast path
+                    self.last_seq = seq
+                    return {"data": body, "tag": etag}
+                if every and events and body.__class__ is bytes:
+                    events.appendleft((etag, body, seq))
+                    self._decode_batch(events)
+                    etag, body, seq = events.popleft()
                 event = self._decoded(etag, body, seq)
                 if event is not None:
                     self.last_seq = seq
@@ -3169,7 +3181,6 @@ class _Listening(_EventBase):
         self._close_slot(self._pub_slot)
         self.pending_events = []
         self._events.clear()
-        self._ready.clear()
 
     def get_event(self, wait: float = DEFAULT_WAIT, tag: str = "", full: bool = False,
                   match_type: str | None = None, no_block: bool = False,
@@ -3815,6 +3826,8 @@ class _AsyncFace(_EventBase):
                     continue
                 raw = _encode_event(gap["tag"], gap["data"])
             else:
+                if body.__class__ is dict:         # decoded ahead by get_event
+                    body = _encode_body(body)
                 raw_tag = tag.encode()
                 raw = _HDR.pack(_EVENT, 0, len(raw_tag), len(body)) + raw_tag + body
                 self.last_seq = seq
@@ -3974,7 +3987,6 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self.last_seq = None
         self.epoch = None
         self._events = collections.deque()
-        self._ready = collections.deque()      # (body, data) decoded ahead, see _decoded
         self._bye_checked = 0.0
         self._warn_after = 0.0
         self._bad_warn_after = 0.0
@@ -4108,7 +4120,6 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._close_slot(self._pull_slot)
         self.pending_events = []               # as Salt's close_pub(): unread events go
         self._events.clear()
-        self._ready.clear()
         with self._cond:
             self._cond.notify_all()
         bus, self._attached = self._attached, None

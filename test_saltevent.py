@@ -1250,6 +1250,30 @@ def test_bodies_that_split_or_join_never_shift_data_onto_another_tag(sock_dir, l
     assert listener.malformed == 7 * rounds
 
 
+def test_a_bad_body_among_many_costs_its_listener_one_more_pass(sock_dir, listener,
+                                                               monkeypatch):
+    """A body that spoils a batch decode (two objects in one) makes the listener decode
+    that batch's events one by one, once: the JSON it scans stays within a small
+    multiple of what it received, however often the bad body comes."""
+    scanned = []
+    real_scan = saltevent._scan_once
+
+    def counting_scan(text, start):
+        scanned.append(len(text) - start)
+        return real_scan(text, start)
+    monkeypatch.setattr(saltevent, "_scan_once", counting_scan)
+    body = json.dumps({"pad": "p" * 200}).encode()
+    burst = [wire(E, b"v/n", body)] * 255 + [wire(E, b"x/two", b'{"a":1},{"b":2}')]
+    rounds = 20
+    with raw_client(bus_path(sock_dir)) as sock:
+        sock.sendall(b"".join(burst) * rounds + event_frame("v/end", {}))
+        got = drain(listener, 10 ** 6, until="v/end")
+    assert len(got) == 255 * rounds and {e["tag"] for e in got} == {"v/n"}
+    assert listener.malformed == rounds
+    received = rounds * 256 * len(body)
+    assert sum(scanned) < 4 * received, (sum(scanned), received)
+
+
 def test_hostile_clients_are_dropped_others_carry_on(sock_dir, listener, firer, caplog):
     caplog.set_level(logging.WARNING, logger="saltevent")
     path = bus_path(sock_dir)
