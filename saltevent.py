@@ -640,9 +640,79 @@ def _tag_filter(pattern: str) -> tuple:
     cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
     if cut < 0:
         return pattern, None
-    import fnmatch
-    import re
-    return pattern[:cut], re.compile(fnmatch.translate(pattern))
+    return pattern[:cut], _Glob(pattern)
+
+
+class _Glob:
+    """One fnmatch pattern, matched in time linear in the tag's length.
+
+    The broker matches listeners' patterns against every tag, so a pattern must not
+    be able to stall it: ``fnmatch.translate`` of ``*a*a*a...b`` backtracks
+    exponentially on Python 3.8.  Here the pattern is cut at each ``*`` into pieces
+    of fixed length (characters, ``?`` and ``[...]``); the first piece must match at
+    the start, the last at the end, and each one between at its leftmost place after
+    the one before, which finds a match whenever there is one.
+    """
+
+    __slots__ = ("head", "middle", "tail", "tail_len")
+
+    def __init__(self, pattern: str):
+        import fnmatch
+        import re
+
+        def piece(text: str) -> str:           # the regex of a piece without '*'
+            inner = re.fullmatch(r"\(\?s:(.*)\)\\[Zz]", fnmatch.translate(text), re.S)
+            if inner is None:                  # pragma: no cover - another fnmatch
+                return "".join(map(re.escape, text))
+            return inner.group(1)
+
+        pieces, lengths = [], []
+        start = length = index = 0
+        while index < len(pattern):            # where '*' stands outside [...]
+            char = pattern[index]
+            index += 1
+            if char == "*":
+                pieces.append(pattern[start:index - 1])
+                lengths.append(length)
+                start, length = index, 0
+                continue
+            if char == "[":                    # as fnmatch finds a set's end
+                end = index
+                if end < len(pattern) and pattern[end] == "!":
+                    end += 1
+                if end < len(pattern) and pattern[end] == "]":
+                    end += 1
+                end = pattern.find("]", end)
+                if end >= 0:
+                    index = end + 1
+            length += 1
+        pieces.append(pattern[start:])
+        lengths.append(length)
+        try:
+            compiled = [re.compile(f"(?s:{piece(text)})") for text in pieces]
+            if len(compiled) == 1:             # no '*': the whole tag, fixed length
+                compiled = [re.compile(f"(?s:{piece(pattern)})\\Z")]
+        except re.error as exc:                # e.g. a range backwards, on Python 3.8
+            raise ValueError(f"bad tag glob {pattern!r}: {exc}") from None
+        self.head = compiled[0]
+        self.middle = compiled[1:-1]
+        self.tail = compiled[-1] if len(compiled) > 1 else None
+        self.tail_len = lengths[-1]
+
+    def match(self, tag: str) -> bool:
+        found = self.head.match(tag)
+        if found is None:
+            return False
+        if self.tail is None:
+            return True
+        pos = found.end()
+        for piece in self.middle:
+            found = piece.search(tag, pos)
+            if found is None:
+                return False
+            pos = found.end()
+        start = len(tag) - self.tail_len
+        return start >= pos and self.tail.fullmatch(tag, start) is not None
 
 
 def _literal_prefix(pattern: str) -> str:
@@ -4035,6 +4105,8 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
                                  f"{sum(map(len, tags))} characters; at most "
                                  f"{_MAX_TAG_FILTERS} of {_MAX_TAG_FILTER_CHARS} in all")
             tags = list(tags)
+            for pattern in tags:
+                _tag_filter(pattern)           # a glob that cannot compile: ValueError now
         self._filters = tags
         self._replay = None
         last, since = opts.get("saltevent_replay_last"), opts.get("saltevent_replay_since")

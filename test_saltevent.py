@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import faulthandler
 import fcntl
+import fnmatch
 import gc
 import hashlib
 import json
@@ -3311,6 +3312,34 @@ def test_declared_tag_filters_are_bounded_with_a_clear_error(sock_dir):
         assert ev.fire_event({"n": 1}, "myco/62/deploy")
         got = ev.get_event(wait=TIMEOUT, full=True)
         assert got == {"tag": "myco/62/deploy", "data": got["data"]} and got["data"]["n"] == 1
+
+
+def test_declared_globs_match_as_fnmatch_does_and_cannot_stall_the_broker(sock_dir):
+    """The broker matches every declared glob against every tag; a glob written to
+    backtrack (fnmatch's own regex for it takes exponential time on Python 3.8) must
+    cost it no more than any other, and globs keep fnmatch's meaning."""
+    globs = ["g/*/x", "g/[ab]?/*", "g/[!a]*z", "g/[*]/*", "g/*a*b*c"]
+    trap = "*a" * 15 + "b"                               # never matches "a" * n
+    tags = ["g/1/x", "g/a1/q", "g/b2/", "g/c3/q", "g/bz", "g/az", "g/*/y", "g/?/y",
+            "g/1/2/x", "g/xaybzc", "g/abc", "g/cba", "h/1/x"]
+    broker = MasterEvent(sock_dir, listen=False,
+                         opts={"saltevent_broker": "process", "saltevent_idle_exit": 0.5})
+    try:
+        assert broker.connect_pull(timeout=TIMEOUT)
+        broker_pid = broker_stats(bus_path(sock_dir))["pid"]
+        with MasterEvent(sock_dir, opts={"saltevent_tags": globs}) as narrow, \
+                MasterEvent(sock_dir, opts={"saltevent_tags": [trap]}) as trapped, \
+                MasterEvent(sock_dir, listen=False) as firer:
+            assert firer.fire_event({}, "a" * 200)           # the trap's worst case
+            for tag in tags + ["g/end/x"]:
+                assert firer.fire_event({}, tag)
+            got = [e["tag"] for e in drain(narrow, 100, until="g/end/x")]
+            assert got == [t for t in tags if any(fnmatch.fnmatchcase(t, g) for g in globs)]
+            assert got and len(got) < len(tags)
+            assert trapped.get_event(wait=0.2) is None
+            assert broker_stats(bus_path(sock_dir))["pid"] == broker_pid
+    finally:
+        broker.destroy()
 
 
 # -- Catching up: sequence numbers, replay, exact gaps ------------------------
