@@ -171,6 +171,8 @@ _SEND_BYTES = 256 << 10                # bytes offered to one sendmsg(), about a
 _INPUT_BUDGET = 40 << 20               # bytes of unfinished frames held for all clients
 _CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all clients
 _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
+_MAX_STATE_HEAD_BYTES = 4 << 20        # bytes, the head of a hand-off state file (every
+                                       # listener's id and drops)
 _MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
 _MAX_TAG_FILTER_CHARS = 4096           # ... and their characters, all together
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
@@ -377,14 +379,16 @@ class _FrameReader:
     Raises FrameError for anything that is not a well-formed frame.
     """
 
-    __slots__ = ("buf", "got", "head", "need", "max_frame", "eof", "since")
+    __slots__ = ("buf", "got", "head", "need", "max_frame", "max_control", "eof", "since")
 
-    def __init__(self, max_frame: int = MAX_FRAME_BYTES):
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES,
+                 max_control: int = _MAX_CONTROL_BYTES):
         self.buf = None            # bytearray of a big frame being filled
         self.got = 0               # bytes of it received
         self.head = b""            # the start of a frame not yet in a buffer of its own
         self.need = 0              # size of the buffer that head waits for, if any
         self.max_frame = max_frame
+        self.max_control = max_control
         self.eof = False
         self.since = 0.0           # monotonic time the unfinished frame began
 
@@ -479,7 +483,7 @@ class _FrameReader:
                 if data[body] != _LBRACE or data[end - 1] != _RBRACE:
                     raise FrameError("event data is not a JSON object", data[body:body + 40])
             elif kind == _CONTROL or kind == _MARK:
-                if taglen or flags or bodylen > _MAX_CONTROL_BYTES or (
+                if taglen or flags or bodylen > self.max_control or (
                         kind == _MARK and bodylen != _SEQ.size):
                     raise FrameError("malformed control frame header", data[off:off + 16])
                 if end > size:
@@ -761,14 +765,14 @@ class _TagIndex:
         hit = self._cache.get(tag)
         if hit is not None:
             return hit
-        found = []
+        found = {}                             # (a dict: ordered, and no linear search)
         by_len = self._by_len
         for length in self._lengths:
             if length > len(tag):
                 break
             for peer, glob in by_len[length].get(tag[:length], ()):
-                if (glob is None or glob.match(tag)) and peer not in found:
-                    found.append(peer)
+                if peer not in found and (glob is None or glob.match(tag)):
+                    found[peer] = None
         hit = tuple(found)
         if len(tag) <= _CACHED_TAG_CHARS:      # bounded: 4096 short tags at most
             if len(self._cache) >= 4096:
@@ -1124,7 +1128,7 @@ def _load_state(bus: _Bus) -> dict | None:
 
 def _parse_state(raw: bytes) -> dict:
     """Return ``{"epoch", "seq", "runs": [(first, last, payload)], "lids", "drops"}``."""
-    reader = _FrameReader(MAX_FRAME_BYTES)
+    reader = _FrameReader(MAX_FRAME_BYTES, _MAX_STATE_HEAD_BYTES)
     frames = reader._parse(raw)
     if reader.head or not frames or frames[0][0] != _CONTROL:
         raise FrameError("truncated hand-off state")
@@ -2409,7 +2413,13 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
 
     def stats(self) -> dict:
         """Return the broker's figures (a snapshot; read on the broker thread)."""
-        listeners = sorted(self._listeners(), key=lambda p: p.out_bytes, reverse=True)
+        listeners = self._listeners()
+        busy = [peer for peer in listeners if peer.out_bytes]      # most are idle: sort
+        busy.sort(key=lambda p: p.out_bytes, reverse=True)         # only the busy ones
+        shown = busy[:_STATS_LISTENERS]
+        if len(shown) < _STATS_LISTENERS:
+            shown += [peer for peer in listeners if not peer.out_bytes][
+                :_STATS_LISTENERS - len(shown)]
         ring = self._ring
         return {
             "bus": self.bus.path, "pid": os.getpid(), "uptime": time.time() - self._started_at,
@@ -2430,7 +2440,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 "pid": peer.pid, "events_out": peer.events_out, "bytes_out": peer.bytes_out,
                 "queued_bytes": peer.out_bytes, "dropped": peer.dropped,
                 "backlog": peer.backlog, "tags": None if peer.filters is None else len(
-                    peer.filters)} for peer in listeners[:_STATS_LISTENERS]],
+                    peer.filters)} for peer in shown],
         }
 
 def _filters_match(filters: list, tag: str) -> bool:

@@ -1502,6 +1502,40 @@ def test_a_busy_listener_loses_nothing_when_the_broker_leaves_cleanly(sock_dir, 
     assert got["dropped"] == 0 and got["gaps"] == 0
 
 
+def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spawn):
+    """The hand-off state names every listener (its id, 64 characters at most); with
+    over a thousand of them it is larger than any control frame a client may send, and
+    the successor still takes it: the waiting listener gets every event, no gap."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    hub, slow, firer_proc = spawn(), spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    slow.call(op="open", name="s", sock_dir=sock_dir)
+    socks = []
+    try:
+        for i in range(1100):
+            sock = raw_client(bus_path(sock_dir))
+            socks.append(sock)
+            sock.sendall(control_frame({"ctl": "sub", "lid": "%064d" % i, "tags": ["none/"]}))
+        wait_until(lambda: broker_stats(bus_path(sock_dir))["listeners"] == 1101,
+                   what="every listener to subscribe")
+        firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+        assert firer_proc.call(op="fire", name="f", tag="ids/x", n=40,    # more than the
+                               data={"pad": "p" * 100_000})["ok"] == 40   # socket holds
+        wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= 40,
+                   what="the broker to take every event")
+        hub.call(op="exit")                     # the listener has read nothing yet
+        assert hub.wait() == 0
+    finally:
+        for sock in socks:
+            sock.close()
+    got = slow.call(op="get", name="s", tag="ids/", n=40, wait=30, fields=["i"], timeout=40)
+    assert got["n"] == 40 and got["rows"] == [[i] for i in range(40)]
+    assert got["dropped"] == 0 and got["gaps"] == 0
+
+
 def test_a_resume_that_times_out_still_resumes_later(sock_dir, spawn):
     """A failed resume is not a fresh start: the next try resumes, and the new broker
     says what may have been missed."""
