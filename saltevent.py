@@ -171,6 +171,8 @@ _SEND_BYTES = 256 << 10                # bytes offered to one sendmsg(), about a
 _INPUT_BUDGET = 40 << 20               # bytes of unfinished frames held for all clients
 _CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all clients
 _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
+_MAX_SEQ = 1 << 62     # a number in a hand-off state file stays below: far below 2**63,
+                       # the most a client accepts, however many events come after
 _MAX_STATE_HEAD_BYTES = 4 << 20        # bytes, the head of a hand-off state file (every
                                        # listener's id and drops)
 _MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
@@ -1137,7 +1139,7 @@ def _parse_state(raw: bytes) -> dict:
     epoch, seq = head.get("epoch"), head.get("seq")
     lids, drops = head.get("lids", []), head.get("drops", {})
     if not (isinstance(epoch, str) and 0 < len(epoch) <= 64 and seq.__class__ is int
-            and seq >= 0 and isinstance(lids, list) and isinstance(drops, dict)):
+            and 0 <= seq < _MAX_SEQ and isinstance(lids, list) and isinstance(drops, dict)):
         raise FrameError("malformed hand-off state header")
     runs = []
     next_seq = last = None
@@ -1145,7 +1147,7 @@ def _parse_state(raw: bytes) -> dict:
     for kind, _tag, _data, start, body, end in frames[1:]:
         if kind == _MARK:
             mark = _SEQ.unpack_from(raw, body)[0]
-            if last is not None and mark <= last:
+            if (last is not None and mark <= last) or mark > seq:
                 raise FrameError("hand-off state events out of order")
             if run:
                 runs.append((run[0], last, raw[run[1]:run[2]]))
@@ -1167,7 +1169,7 @@ def _parse_state(raw: bytes) -> dict:
     good_drops = {}
     for lid, drop in drops.items():
         if (isinstance(drop, list) and len(drop) == 3
-                and all(item.__class__ is int and item >= 0 for item in drop)):
+                and all(item.__class__ is int and 0 <= item < _MAX_SEQ for item in drop)):
             good_drops[lid] = drop
     return {"epoch": epoch, "seq": seq, "runs": runs, "drops": good_drops,
             "lids": {lid for lid in lids[:DEFAULT_MAX_CLIENTS] if isinstance(lid, str)}}
@@ -2780,10 +2782,19 @@ class _Conn:
         return seq
 
     def handed_off(self) -> bool:
-        """Return True if the broker said bye or went away (a firing connection)."""
+        """Return True if the broker said bye or went away (a firing connection).
+
+        Reads what is there a few times at most, so a peer that keeps sending cannot
+        hold the caller; events sent to a firer mean it is no broker of ours: True.
+        """
+        events = collections.deque()
         try:
-            while not (self.eof or self.bye):
-                self.recv_into(collections.deque())
+            for _ in range(4):
+                if self.eof or self.bye:
+                    break
+                self.recv_into(events)
+                if events:
+                    return True
         except BlockingIOError:
             pass
         except (OSError, FrameError):

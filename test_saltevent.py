@@ -1536,6 +1536,27 @@ def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spa
     assert got["dropped"] == 0 and got["gaps"] == 0
 
 
+@pytest.mark.parametrize("head", [
+    {"seq": 2 ** 64 - 1}, {"seq": 2 ** 63 - 1}, {"seq": -1}, {"seq": 5, "lids": "x"},
+    {"seq": 5, "epoch": ""}])
+def test_a_tampered_hand_off_state_is_ignored_and_the_bus_runs_on(sock_dir, head, caplog):
+    """Whoever writes the state file (ours: same user, mode 0600) writes input: numbers
+    the wire cannot carry, or that would leave no room to count, are refused whole."""
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    body = {"ctl": "state", "epoch": "e1", "lids": [], "drops": {}, **head}
+    state = os.path.join(sock_dir, "saltevent-master.state")
+    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as state_file:
+        state_file.write(control_frame(body))
+    with MasterEvent(sock_dir, opts={"saltevent_seq": True}) as ev:
+        for i in range(3):
+            assert ev.fire_event({"i": i}, "after/x", timeout=1000)
+        got = drain(ev, 3, tag="after/")
+        assert [e["data"]["i"] for e in got] == [0, 1, 2]
+        assert got[-1]["seq"] < 1 << 62 and ev.epoch != "e1"
+    assert "hand-off state" in caplog.text
+
+
 def test_a_resume_that_times_out_still_resumes_later(sock_dir, spawn):
     """A failed resume is not a fresh start: the next try resumes, and the new broker
     says what may have been missed."""
@@ -2587,6 +2608,54 @@ class MuteBroker:
         for conn in self.conns:
             conn.close()
         os.close(self.lock_fd)
+
+
+CHATTY_BROKER = """
+import fcntl, os, socket, struct, sys, threading, time
+sock_dir = sys.argv[1]
+lock_fd = os.open(os.path.join(sock_dir, "saltevent-master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock_fd, fcntl.LOCK_EX)
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(os.path.join(sock_dir, "saltevent-master.sock"))
+sock.listen(8)
+hello = b'{"ctl":"hello","pid":%d,"epoch":"x"}' % os.getpid()
+hello = struct.pack("!BBHI", 0x43, 0, 0, len(hello)) + hello
+blob = (struct.pack("!BBHI", 0x45, 0, 1, 2) + b"t{}") * 5000
+end = time.monotonic() + 20
+def flood(conn):
+    try:
+        conn.sendall(hello)
+        while time.monotonic() < end:
+            conn.sendall(blob)
+    except OSError:
+        pass
+print("ready", flush=True)
+sock.settimeout(0.5)
+while time.monotonic() < end:
+    try:
+        conn, _ = sock.accept()
+    except OSError:
+        continue
+    threading.Thread(target=flood, args=(conn,), daemon=True).start()
+"""
+
+
+def test_a_peer_that_never_stops_sending_cannot_hold_a_fire_past_its_timeout(sock_dir):
+    """A process of ours poses as the broker, greets, then sends events without end (no
+    broker sends events to a firer): every fire still keeps its timeout."""
+    chatty = subprocess.Popen([sys.executable, "-c", CHATTY_BROKER, sock_dir],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert chatty.stdout.readline().strip() == "ready"
+        with MasterEvent(sock_dir, listen=False) as ev:
+            for i in range(5):
+                t0 = time.monotonic()
+                ev.fire_event({"i": i}, "t", timeout=100)
+                assert time.monotonic() - t0 < 0.6, f"fire {i} was held"
+                time.sleep(0.03)                 # past the firer's check for a hand-off
+    finally:
+        chatty.kill()
+        chatty.wait(TIMEOUT)
 
 
 def test_destroy_from_another_thread_wakes_a_fire_blocked_for_ever(sock_dir):
