@@ -171,6 +171,8 @@ _SEND_BYTES = 256 << 10                # bytes offered to one sendmsg(), about a
 _INPUT_BUDGET = 40 << 20               # bytes of unfinished frames held for all clients
 _CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all clients
 _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
+_BLOCK_COST = 256                      # bytes an event block costs beyond its own (the
+                                       # objects; many tiny blocks must count)
 _MAX_SEQ = 1 << 62     # a number in a hand-off state file stays below: far below 2**63,
                        # the most a client accepts, however many events come after
 _MAX_STATE_HEAD_BYTES = 4 << 20        # bytes, the head of a hand-off state file (every
@@ -1211,12 +1213,14 @@ class _Block:
     """Bytes queued for listeners: events (a sequence mark and their frames, shared by
     every listener that gets them all) or one control frame (``count == 0``)."""
 
-    __slots__ = ("bufs", "size", "count", "first", "last", "refs", "msg")
+    __slots__ = ("bufs", "size", "cost", "count", "first", "last", "refs", "msg")
 
     def __init__(self, bufs: tuple, size: int, count: int = 0, first: int = 0,
                  last: int = 0, msg: Any = None):
         self.bufs = bufs
-        self.size = size
+        self.size = size           # bytes on the wire
+        self.cost = size + _BLOCK_COST if count else size   # what bounds count: the
+                                   # bytes and the objects that hold them
         self.count = count         # events in it
         self.first = first         # their sequence numbers, first and last
         self.last = last
@@ -1325,7 +1329,7 @@ class _Ring:
         self.blocks.append(blk)
         blk.refs += 1
         self.events += blk.count
-        self.bytes += blk.size
+        self.bytes += blk.cost
         self.shrink(release)
 
     def shrink(self, release: Callable) -> None:
@@ -1335,7 +1339,7 @@ class _Ring:
         while (self.events > max_events or self.bytes > max_bytes) and len(blocks) > 1:
             old = blocks.popleft()
             self.events -= old.count
-            self.bytes -= old.size
+            self.bytes -= old.cost
             release(old)
 
     def end_grace(self, release: Callable) -> None:
@@ -1652,7 +1656,7 @@ class _Listeners:
         ring = self._ring
         if ring.max_events and ring.max_bytes:
             if not blk.refs:
-                self._ev_held += blk.size
+                self._ev_held += blk.cost
             ring.add(blk, self._release)
         if self._ev_held > self._ev_cap:
             self._shed()
@@ -1686,9 +1690,9 @@ class _Outbox:
             peer.out = collections.deque()
         peer.out.append(blk)
         if not blk.refs:
-            self._ev_held += blk.size
+            self._ev_held += blk.cost
         blk.refs += 1
-        peer.out_bytes += blk.size
+        peer.out_bytes += blk.cost
         if peer.out_bytes > peer.backlog:
             self._trim(peer, peer.backlog, "backlog")
         if not peer.mask & selectors.EVENT_WRITE:   # else the selector says when
@@ -1697,7 +1701,7 @@ class _Outbox:
     def _release(self, blk: _Block) -> None:
         blk.refs -= 1
         if not blk.refs:
-            self._ev_held -= blk.size
+            self._ev_held -= blk.cost
 
     def _queue_control(self, peer: _Peer, blk: _Block) -> None:
         if peer.out is _NO_OUTPUT:
@@ -1724,7 +1728,7 @@ class _Outbox:
                 at = index
                 first = blk.first
             del out[index]
-            peer.out_bytes -= blk.size
+            peer.out_bytes -= blk.cost
             self._release(blk)
             lost += blk.count
             last = blk.last
@@ -1828,7 +1832,7 @@ class _Outbox:
                 sent -= blk.size
                 out.popleft()
                 if blk.count:
-                    peer.out_bytes -= blk.size
+                    peer.out_bytes -= blk.cost
                     peer.events_out += blk.count
                     self.events_out += blk.count
                     self._release(blk)
@@ -2146,8 +2150,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             ring.blocks.append(blk)
             blk.refs += 1
             ring.events += blk.count
-            ring.bytes += blk.size
-            self._ev_held += blk.size
+            ring.bytes += blk.cost
+            self._ev_held += blk.cost
         ring.extra_events, ring.extra_bytes = ring.events, ring.bytes
         ring.grace_until = time.monotonic() + _HANDOFF_GRACE
         self._resuming = state["lids"]

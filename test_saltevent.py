@@ -4177,6 +4177,31 @@ def rss_kib(pid):
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+def test_hardening_tiny_events_one_per_read_are_counted_at_what_they_cost(sock_dir):
+    """Events that reach the broker one per read each make a block of their own; a
+    stalled listener's backlog counts what those blocks cost the broker, not only their
+    bytes on the wire, so its memory grows no more than the count says."""
+    broker = MasterEvent(sock_dir, listen=False,
+                         opts={"saltevent_broker": "process", "saltevent_idle_exit": 0.5})
+    try:
+        assert broker.connect_pull(timeout=TIMEOUT)
+        pid = broker_stats(bus_path(sock_dir))["pid"]
+        with MasterEvent(sock_dir, opts={"saltevent_backlog_bytes": 4 << 20}), \
+                MasterEvent(sock_dir, opts={"saltevent_tags": ["probe"]}) as probe, \
+                MasterEvent(sock_dir, listen=False) as firer:
+            before = rss_kib(pid)
+            for _ in range(15_000):
+                assert firer.fire_event({}, "t")
+                assert firer.fire_event({}, "probe")    # wait for the broker: each read
+                assert probe.get_event(wait=TIMEOUT, tag="probe") is not None  # holds one
+            stats = broker_stats(bus_path(sock_dir))
+            grown = (rss_kib(pid) - before) << 10
+            counted = sum(peer["queued_bytes"] for peer in stats["per_listener"])
+            assert grown < 2 * counted + (1 << 20), (grown, counted)
+    finally:
+        broker.destroy()
+
+
 def cpu_seconds(pid):
     """User plus system CPU time of process *pid* (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as stat_file:
