@@ -179,6 +179,10 @@ _MAX_STATE_HEAD_BYTES = 4 << 20        # bytes, the head of a hand-off state fil
                                        # listener's id and drops)
 _MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
 _MAX_TAG_FILTER_CHARS = 4096           # ... and their characters, all together
+_FILTER_COST = 128                     # bytes one declared filter holds in the broker,
+_GLOB_PIECE_COST = 1024                # and one piece of a glob with ? or [...] (a regex)
+_MAX_GLOB_PIECES = 64                  # such pieces in one listener's filters, at most
+_FILTER_BUDGET = 8 << 20               # bytes all listeners' filters may hold, together
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
 _BATCH_EVENTS = 256                    # queued events a listener decodes in one call ...
 _BATCH_BYTES = 64 << 10                # ... and their bytes, at most
@@ -657,70 +661,116 @@ class _Glob:
     The broker matches listeners' patterns against every tag, so a pattern must not
     be able to stall it: ``fnmatch.translate`` of ``*a*a*a...b`` backtracks
     exponentially on Python 3.8.  Here the pattern is cut at each ``*`` into pieces
-    of fixed length (characters, ``?`` and ``[...]``); the first piece must match at
-    the start, the last at the end, and each one between at its leftmost place after
-    the one before, which finds a match whenever there is one.
+    of fixed length; the first piece must match at the start, the last at the end,
+    and each one between at its leftmost place after the one before, which finds a
+    match whenever there is one.  A piece of plain characters is matched with str
+    methods; one with ``?`` or ``[...]`` with a small regex, shared by every pattern
+    that has the same piece.  ``cost`` is what the pattern holds, for the broker's
+    bound on listeners' filters.
     """
 
-    __slots__ = ("head", "middle", "tail", "tail_len")
+    __slots__ = ("head", "middle", "tail", "tail_len", "pieces", "cost")
 
     def __init__(self, pattern: str):
-        import fnmatch
-        import re
-
-        def piece(text: str) -> str:           # the regex of a piece without '*'
-            inner = re.fullmatch(r"\(\?s:(.*)\)\\[Zz]", fnmatch.translate(text), re.S)
-            if inner is None:                  # pragma: no cover - another fnmatch
-                return "".join(map(re.escape, text))
-            return inner.group(1)
-
-        pieces, lengths = [], []
-        start = length = index = 0
-        while index < len(pattern):            # where '*' stands outside [...]
-            char = pattern[index]
-            index += 1
-            if char == "*":
-                pieces.append(pattern[start:index - 1])
-                lengths.append(length)
-                start, length = index, 0
-                continue
-            if char == "[":                    # as fnmatch finds a set's end
-                end = index
-                if end < len(pattern) and pattern[end] == "!":
-                    end += 1
-                if end < len(pattern) and pattern[end] == "]":
-                    end += 1
-                end = pattern.find("]", end)
-                if end >= 0:
-                    index = end + 1
-            length += 1
-        pieces.append(pattern[start:])
-        lengths.append(length)
-        try:
-            compiled = [re.compile(f"(?s:{piece(text)})") for text in pieces]
-            if len(compiled) == 1:             # no '*': the whole tag, fixed length
-                compiled = [re.compile(f"(?s:{piece(pattern)})\\Z")]
-        except re.error as exc:                # e.g. a range backwards, on Python 3.8
-            raise ValueError(f"bad tag glob {pattern!r}: {exc}") from None
-        self.head = compiled[0]
-        self.middle = compiled[1:-1]
-        self.tail = compiled[-1] if len(compiled) > 1 else None
+        if "[" in pattern:
+            texts, lengths = _glob_pieces(pattern)
+        else:
+            texts = pattern.split("*")
+            lengths = [len(text) for text in texts]
+        pieces = [_glob_piece(text) if "?" in text or "[" in text else text
+                  for text in texts]
+        self.pieces = sum(piece.__class__ is not str for piece in pieces)
+        self.cost = (len(pattern) + _FILTER_COST + _GLOB_PIECE_COST * self.pieces
+                     + 64 * len(pieces))
+        self.head = pieces[0]
+        self.middle = pieces[1:-1]
+        self.tail = pieces[-1] if len(pieces) > 1 else None
         self.tail_len = lengths[-1]
 
     def match(self, tag: str) -> bool:
-        found = self.head.match(tag)
-        if found is None:
-            return False
-        if self.tail is None:
-            return True
-        pos = found.end()
-        for piece in self.middle:
-            found = piece.search(tag, pos)
+        head = self.head
+        if self.tail is None:                  # no '*': the whole tag
+            if head.__class__ is str:
+                return tag == head
+            return head.fullmatch(tag) is not None
+        if head.__class__ is str:
+            if not tag.startswith(head):
+                return False
+            pos = len(head)
+        else:
+            found = head.match(tag)
             if found is None:
                 return False
             pos = found.end()
+        for piece in self.middle:
+            if piece.__class__ is str:
+                at = tag.find(piece, pos)
+                if at < 0:
+                    return False
+                pos = at + len(piece)
+            else:
+                found = piece.search(tag, pos)
+                if found is None:
+                    return False
+                pos = found.end()
         start = len(tag) - self.tail_len
-        return start >= pos and self.tail.fullmatch(tag, start) is not None
+        if start < pos:
+            return False
+        tail = self.tail
+        if tail.__class__ is str:
+            return tag.endswith(tail)
+        return tail.fullmatch(tag, start) is not None
+
+
+def _glob_pieces(pattern: str) -> tuple:
+    """Cut *pattern* at each ``*`` outside ``[...]``: the pieces and their lengths in
+    characters of a tag."""
+    pieces, lengths = [], []
+    start = length = index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        index += 1
+        if char == "*":
+            pieces.append(pattern[start:index - 1])
+            lengths.append(length)
+            start, length = index, 0
+            continue
+        if char == "[":                        # as fnmatch finds a set's end
+            end = index
+            if end < len(pattern) and pattern[end] == "!":
+                end += 1
+            if end < len(pattern) and pattern[end] == "]":
+                end += 1
+            end = pattern.find("]", end)
+            if end >= 0:
+                index = end + 1
+        length += 1
+    pieces.append(pattern[start:])
+    lengths.append(length)
+    return pieces, lengths
+
+
+_glob_piece_cache: dict = {}
+
+
+def _glob_piece(text: str) -> Any:
+    """The compiled regex of one piece of a glob (no ``*``), shared; ValueError if it
+    cannot compile."""
+    compiled = _glob_piece_cache.get(text)
+    if compiled is not None:
+        return compiled
+    import fnmatch
+    import re
+    inner = re.fullmatch(r"\(\?s:(.*)\)\\[Zz]", fnmatch.translate(text), re.S)
+    regex = inner.group(1) if inner is not None else re.escape(text)
+    try:
+        compiled = re.compile(f"(?s:{regex})")
+    except re.error as exc:                    # e.g. a range backwards, on Python 3.8
+        raise ValueError(f"bad tag glob piece {text!r}: {exc}") from None
+    if len(_glob_piece_cache) >= 4096:
+        _glob_piece_cache.clear()
+    _glob_piece_cache[text] = compiled
+    return compiled
 
 
 def _literal_prefix(pattern: str) -> str:
@@ -1273,7 +1323,7 @@ class _Peer:
     __slots__ = ("sock", "pid", "reader", "alive", "listener", "filters", "lid", "out",
                  "out_bytes", "head_off", "backlog", "notice", "stats_pending", "ctl_bytes",
                  "mask", "paused", "dropped", "events_in", "events_out", "bytes_in",
-                 "bytes_out", "warn_after")
+                 "bytes_out", "warn_after", "filter_cost")
 
     def __init__(self, sock: socket.socket, pid: int):
         self.sock = sock
@@ -1296,6 +1346,7 @@ class _Peer:
         self.dropped = 0
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self.warn_after = 0.0        # monotonic time before which drops are not logged
+        self.filter_cost = 0         # bytes its declared filters hold (see _FILTER_BUDGET)
 
 
 class _Ring:
@@ -1539,11 +1590,24 @@ class _Listeners:
                     raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
                                      f"strings of {_MAX_TAG_FILTER_CHARS} characters in all")
                 filters = [_tag_filter(t) for t in tags]
+                cost = _filters_cost(filters)
             else:
                 filters = None
         except ValueError as exc:
             self._drop(peer, f"bad subscription: {exc}")
             return
+        if filters is not None:
+            if self._filter_held + cost > _FILTER_BUDGET:
+                reason = (f"listeners' tag filters hold {self._filter_held} bytes; this "
+                          f"listener's {cost} would pass the bound ({_FILTER_BUDGET})")
+                try:
+                    peer.sock.send(_encode_control({"ctl": "refused", "reason": reason}))
+                except OSError:
+                    pass
+                self._drop(peer, reason)
+                return
+            peer.filter_cost = cost
+            self._filter_held += cost
         peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
         peer.lid = lid
         ring = self._ring
@@ -2100,6 +2164,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._peers: dict = {}                 # every connection
         self._plain: dict = {}                 # listeners that want every event
         self._index = _TagIndex()              # listeners that declared tags
+        self._filter_held = 0                  # bytes their filters hold, all together
         self._partial: set = set()             # peers holding an unfinished frame
         self._paused: collections.deque = collections.deque()
         self._dirty: set = set()
@@ -2235,6 +2300,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._peers.clear()
         self._plain.clear()
         self._index = _TagIndex()
+        self._filter_held = 0
         sock, self._listen_sock = self._listen_sock, None
         if sock is not None:
             self._unlink_own_path()
@@ -2401,6 +2467,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 self._plain.pop(peer, None)
             else:
                 self._index.remove(peer, peer.filters)
+        self._filter_held -= peer.filter_cost
+        peer.filter_cost = 0
         self._discard_output(peer)
         self._in_held -= peer.reader.held
         peer.reader.buf = None
@@ -2438,16 +2506,26 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                      "last": ring.last, "max_events": ring.max_events,
                      "max_bytes": ring.max_bytes},
             "held": {"input": self._in_held, "control": self._ctl_held,
-                     "events": self._ev_held},
+                     "events": self._ev_held, "filters": self._filter_held},
             "limits": {"backlog": self.backlog, "events": self._ev_cap,
                        "input": _INPUT_BUDGET, "control": _CONTROL_BUDGET,
-                       "clients": self.max_clients},
+                       "filters": _FILTER_BUDGET, "clients": self.max_clients},
             "per_listener": [{
                 "pid": peer.pid, "events_out": peer.events_out, "bytes_out": peer.bytes_out,
                 "queued_bytes": peer.out_bytes, "dropped": peer.dropped,
                 "backlog": peer.backlog, "tags": None if peer.filters is None else len(
                     peer.filters)} for peer in shown],
         }
+
+def _filters_cost(filters: list) -> int:
+    """Bytes a listener's declared filters hold in the broker; ValueError past the
+    number of glob pieces one listener may have compiled."""
+    if sum(glob.pieces for _prefix, glob in filters if glob is not None) > _MAX_GLOB_PIECES:
+        raise ValueError(f"more than {_MAX_GLOB_PIECES} pieces with ? or [...] between "
+                         "the * of all its globs")
+    return sum(len(prefix) + _FILTER_COST if glob is None else glob.cost
+               for prefix, glob in filters)
+
 
 def _filters_match(filters: list, tag: str) -> bool:
     for prefix, glob in filters:
@@ -4130,8 +4208,10 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
                                  f"{sum(map(len, tags))} characters; at most "
                                  f"{_MAX_TAG_FILTERS} of {_MAX_TAG_FILTER_CHARS} in all")
             tags = list(tags)
-            for pattern in tags:
-                _tag_filter(pattern)           # a glob that cannot compile: ValueError now
+            try:                               # what the broker would refuse: now
+                _filters_cost([_tag_filter(pattern) for pattern in tags])
+            except ValueError as exc:
+                raise ValueError(f"opts['saltevent_tags']: {exc}") from None
         self._filters = tags
         self._replay = None
         last, since = opts.get("saltevent_replay_last"), opts.get("saltevent_replay_since")

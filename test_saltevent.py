@@ -3445,6 +3445,36 @@ def test_declared_globs_match_as_fnmatch_does_and_cannot_stall_the_broker(sock_d
         broker.destroy()
 
 
+def test_listeners_filters_together_are_bounded_and_past_it_refused_by_name(sock_dir):
+    """What declared filters hold in the broker counts against one bound for all
+    listeners: past it a new listener is refused with the reason, while those already
+    there, and listeners that declare nothing, carry on."""
+    globs = ["*%03d*%s*" % (i, "q" * 50) for i in range(64)]     # within one listener's
+    assert sum(map(len, globs)) <= 4096                           # limits
+    with MasterEvent(sock_dir, listen=False) as firer:
+        assert firer.connect_pull(timeout=TIMEOUT)
+        kept = []
+        try:
+            with pytest.raises(SaltEventError, match="tag filters hold"):
+                for _ in range(400):
+                    kept.append(MasterEvent(sock_dir, opts={"saltevent_tags": globs},
+                                            raise_errors=True))
+            assert 10 < len(kept) < 400
+            held = broker_stats(bus_path(sock_dir))["held"]
+            assert 0 < held["filters"] <= 8 << 20
+            with MasterEvent(sock_dir) as plain:
+                assert firer.fire_event({"n": 1}, "x/007/" + "q" * 50 + "/y")
+                assert plain.get_event(wait=TIMEOUT)["n"] == 1
+                assert kept[0].get_event(wait=TIMEOUT)["n"] == 1
+        finally:
+            for ev in kept:
+                ev.destroy()
+        wait_until(lambda: broker_stats(bus_path(sock_dir))["held"]["filters"] == 0,
+                   what="the filters to be let go")
+    with pytest.raises(ValueError, match="pieces"):
+        MasterEvent(sock_dir, opts={"saltevent_tags": ["*a?" * 65]})
+
+
 # -- Catching up: sequence numbers, replay, exact gaps ------------------------
 
 
