@@ -774,11 +774,20 @@ def _glob_piece(text: str) -> Any:
 
 
 def _literal_prefix(pattern: str) -> str:
-    """Return the part of a glob-or-regex *pattern* before its first special character."""
+    """Return what every tag a glob-or-regex *pattern* matches starts with: the part
+    before its first special character, less the character a ``*``, ``?`` or ``{``
+    after it makes optional; nothing if the pattern has a ``|``."""
+    if "|" in pattern:
+        return ""
     for index, char in enumerate(pattern):
         if char in "*?[]\\.^$+{}()|":
-            return pattern[:index]
+            return pattern[:index - 1] if char in "*?{" and index else pattern[:index]
     return pattern
+
+
+def _glob_only(pattern: str) -> bool:
+    """True if *pattern* has no character that means something only in a regex."""
+    return not any(char in "\\.^$+{}()|" for char in pattern)
 
 
 class _TagIndex:
@@ -1519,6 +1528,12 @@ class _Intake:
         count = last = 0
         for kind, tag, data, start, _body, end in frames:
             if kind == _EVENT:
+                if tag == GAP_TAG:             # listeners trust it: only ours
+                    if run is not None:
+                        self._publish(peer, data, run, last, count, tags, ends)
+                    self._drop(peer, f"sent an event tagged {GAP_TAG!r} (the bus's own "
+                                     "notice of missed events)")
+                    return
                 if run is None:
                     run = start
                 count += 1
@@ -3601,6 +3616,9 @@ class _Firing(_EventBase):
                 raise TypeError(f"tag must be a str, not {type(tag).__name__}")
             if not tag:
                 raise ValueError("Empty tag.")
+            if tag == GAP_TAG:
+                raise ValueError(f"tag {GAP_TAG!r} is the bus's own notice of missed "
+                                 "events; no client may fire it")
             raw_tag = _encode_tag(tag)
             if len(tag) <= _CACHED_TAG_CHARS:
                 if len(_tag_cache) >= 1024:
@@ -5151,15 +5169,18 @@ def _listen_filter(args: Any) -> tuple:
         prefix = pattern if args.match_type == "startswith" else ""
         return (lambda tag: match(tag, pattern)), (prefix or None)
     pattern = args.tagmatch or "*"
-    import fnmatch
     import re
-    try:
-        regex = re.compile(r"\A(?:" + pattern + r")\Z")
-    except re.error:
-        regex = None
-    prefix = _literal_prefix(pattern)
-    return (lambda tag: fnmatch.fnmatch(tag, pattern) or bool(regex and regex.match(tag))), (
-        prefix or None)
+    glob = _Glob(pattern)
+    regex = None
+    if not _glob_only(pattern):                # a glob is not tried as a regex: ``a/*/*``
+        try:                                   # would backtrack for minutes on a
+            regex = re.compile(r"\A(?:" + pattern + r")\Z")     # hostile tag
+        except re.error:
+            pass
+    if regex is None:
+        return glob.match, _literal_prefix(pattern) or None
+    return (lambda tag: glob.match(tag) or regex.match(tag) is not None), (
+        _literal_prefix(pattern) or None)
 
 
 def _json_text(data: Any, pretty: bool) -> str:
@@ -5216,6 +5237,8 @@ def _cmd_listen(args: Any, node: str) -> int:
             if not is_gap and not wanted(tag):
                 continue
             if not args.quiet:
+                if not tag.isprintable():      # no tab, newline or escape: one line
+                    tag = json.dumps(tag, ensure_ascii=False)[1:-1]     # per event
                 line = f"{tag}\t{_json_text(found['data'], args.pretty)}\n"
                 if args.seq:
                     line = f"{'-' if is_gap else event.last_seq}\t{line}"

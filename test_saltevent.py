@@ -3999,6 +3999,10 @@ def test_cli_listen_prints_fired_events_as_salt_does(held_bus, pretty):
 @pytest.mark.parametrize("args, fired, wanted", [
     (["myco/*/done"], ["myco/a/start", "other/x/done", "myco/a/done"], "myco/a/done"),
     (["myco/[0-9]+"], ["myco/x", "myco/12x", "myco/12"], "myco/12"),
+    (["salt/auth|salt/key"], ["salt/other", "salt/key"], "salt/key"),   # regexes whose
+    (["a{0}salt/z"], ["a/salt/z", "salt/z"], "salt/z"),                 # start is not
+    (["salt/jobs?(/x)?"], ["salt/other", "salt/job"], "salt/job"),      # literal
+    (["salt/*/*/*/done"], ["salt" + "/" * 3000, "salt/a/b/c/done"], "salt/a/b/c/done"),
     (["--match-type", "endswith", "/done"], ["a/start", "a/done/not", "b/done"], "b/done"),
     (["--match-type", "find", "mid"], ["a/b", "a/mid/b"], "a/mid/b"),
 ])
@@ -4012,6 +4016,42 @@ def test_cli_listen_filters_tags(held_bus, args, fired, wanted):
         rc, out, err = reap(listen)
     assert rc == 0, err
     assert [line.split("\t")[0] for line in out.splitlines()] == [wanted]
+
+
+def test_cli_listen_prints_one_line_per_event_whatever_the_tag_holds(held_bus):
+    """A tag with a tab, a newline or an escape sequence cannot forge a line (or, with
+    --seq, a sequence number) of listen's output: such a tag is printed escaped."""
+    listen = start_listen(held_bus, "--count", "2", "--seq")
+    forged = "evil\t{}\n999999\tsalt/auth/forged\x1b[2J"
+    try:
+        with MasterEvent(held_bus, listen=False) as firer:
+            assert firer.fire_event({"n": 1}, forged)
+            assert firer.fire_event({"n": 2}, "plain/tag")
+    finally:
+        rc, out, err = reap(listen)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and [line.count("\t") for line in lines] == [2, 2]
+    assert lines[0].split("\t")[1] == json.dumps(forged)[1:-1]
+    assert lines[1].split("\t")[1] == "plain/tag"
+
+
+def test_no_client_can_fire_the_bus_notice_of_missed_events(sock_dir, listener, caplog):
+    """Listeners trust a ``saltevent/gap`` event (its range says what to fetch again):
+    the API refuses to fire one, and the broker drops a client that sends one."""
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    with MasterEvent(sock_dir, listen=False) as firer:
+        with pytest.raises(ValueError, match="no client may fire it"):
+            firer.fire_event({"first": 1, "last": 10 ** 6}, saltevent.GAP_TAG)
+        with raw_client(bus_path(sock_dir)) as sock:
+            sock.sendall(event_frame("before", {}) + event_frame(saltevent.GAP_TAG, {
+                "first": 1, "last": 10 ** 6, "count": 10 ** 6, "reason": "crash"}))
+            while sock.recv(65536):                  # the hello, then EOF: dropped
+                pass
+        assert firer.fire_event({}, "after")
+    got = drain(listener, 10, until="after")
+    assert [e["tag"] for e in got] == ["before"]
+    assert "saltevent/gap" in caplog.text and not listener.missed
 
 
 def test_cli_listen_quiet_blocks_until_an_event_and_prints_nothing(held_bus):
