@@ -183,6 +183,9 @@ _FILTER_COST = 128                     # bytes one declared filter holds in the 
 _GLOB_PIECE_COST = 1024                # and one piece of a glob with ? or [...] (a regex)
 _MAX_GLOB_PIECES = 64                  # such pieces in one listener's filters, at most
 _FILTER_BUDGET = 8 << 20               # bytes all listeners' filters may hold, together
+_SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays that
+_SCAN_BURST = 0.05                     # must scan the ring for a listener's tags; and the
+                                       # seconds they may take at once (then they wait)
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
 _BATCH_EVENTS = 256                    # queued events a listener decodes in one call ...
 _BATCH_BYTES = 64 << 10                # ... and their bytes, at most
@@ -1272,7 +1275,7 @@ class _Block:
     """Bytes queued for listeners: events (a sequence mark and their frames, shared by
     every listener that gets them all) or one control frame (``count == 0``)."""
 
-    __slots__ = ("bufs", "size", "cost", "count", "first", "last", "refs", "msg")
+    __slots__ = ("bufs", "size", "cost", "count", "first", "last", "refs", "msg", "runs")
 
     def __init__(self, bufs: tuple, size: int, count: int = 0, first: int = 0,
                  last: int = 0, msg: Any = None):
@@ -1285,6 +1288,7 @@ class _Block:
         self.last = last
         self.refs = 0              # queues and the ring that hold it
         self.msg = msg             # a control block's message, when it may change
+        self.runs = None           # _event_runs() of it, once a filtered replay needs them
 
 
 _BYE_FRAME = _encode_control({"ctl": "bye"})
@@ -1307,6 +1311,30 @@ def _event_runs(payload: Any, first: int) -> list:
             out.append((seq, tag, start, end))
             seq += 1
     return out
+
+
+class _Wanted:
+    """The events of ring blocks that a listener's filters want, for a replay: each
+    block is cut into events once (kept on it), each tag matched once per replay."""
+
+    __slots__ = ("filters", "tags")
+
+    def __init__(self, filters: list | None):
+        self.filters = filters
+        self.tags: dict = {}                   # tag -> wanted?
+
+    def items(self, blk: _Block) -> list:
+        """``(seq, tag, start, end)`` of the events of *blk* that are wanted."""
+        runs = blk.runs
+        if runs is None:
+            runs = blk.runs = _event_runs(blk.bufs[-1], blk.first)
+        filters = self.filters
+        if filters is None:
+            return runs
+        tags = self.tags
+        for tag in {run[1] for run in runs}.difference(tags):
+            tags[tag] = _filters_match(filters, tag)
+        return [run for run in runs if tags[run[1]]]
 
 
 def _sub_block(payload: Any, items: list) -> _Block:
@@ -1332,7 +1360,7 @@ class _Peer:
     __slots__ = ("sock", "pid", "reader", "alive", "listener", "filters", "lid", "out",
                  "out_bytes", "head_off", "backlog", "notice", "stats_pending", "ctl_bytes",
                  "mask", "paused", "dropped", "events_in", "events_out", "bytes_in",
-                 "bytes_out", "warn_after", "filter_cost")
+                 "bytes_out", "warn_after", "filter_cost", "deferred")
 
     def __init__(self, sock: socket.socket, pid: int):
         self.sock = sock
@@ -1356,6 +1384,7 @@ class _Peer:
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
         self.warn_after = 0.0        # monotonic time before which drops are not logged
         self.filter_cost = 0         # bytes its declared filters hold (see _FILTER_BUDGET)
+        self.deferred = False        # its subscription waits for the broker's time
 
 
 class _Ring:
@@ -1565,7 +1594,17 @@ class _Intake:
         """Answer one control frame a client may send.  Runs on the broker thread."""
         ctl = msg["ctl"]
         if ctl == "sub":
-            self._subscribe(peer, msg)
+            if peer.deferred:
+                self._drop(peer, "subscribed twice")
+            elif msg.get("tags") is None or (msg.get("since") is None
+                                             and not msg.get("last")):
+                self._subscribe(peer, msg)     # no scan of the ring
+            elif self._scan_allowed():
+                self._scanning_subscribe(peer, msg)
+            else:
+                peer.deferred = True
+                self._deferred.append((peer, msg))
+                self._next_check = min(self._next_check, time.monotonic() + 0.01)
         elif ctl == "stats":
             if peer.stats_pending is not None:
                 self._drop(peer, "asked for stats again before reading the answer")
@@ -1579,6 +1618,32 @@ class _Intake:
             self._queue_control(peer, block)
         else:
             self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
+
+
+    def _scan_allowed(self) -> bool:
+        """True while filtered replays have used less than their share of the broker's
+        time (``_SCAN_SHARE``, with a burst of ``_SCAN_BURST`` s)."""
+        now = time.monotonic()
+        self._scan_credit = min(_SCAN_BURST,
+                                self._scan_credit + (now - self._scan_at) * _SCAN_SHARE)
+        self._scan_at = now
+        return self._scan_credit > 0
+
+    def _scanning_subscribe(self, peer: _Peer, msg: dict) -> None:
+        started = time.perf_counter()
+        self._subscribe(peer, msg)
+        self._scan_credit -= time.perf_counter() - started
+
+    def _run_deferred(self) -> None:
+        """Answer the subscriptions that wait, in order, as the share of time allows."""
+        deferred = self._deferred
+        while deferred and self._scan_allowed():
+            peer, msg = deferred.popleft()
+            peer.deferred = False
+            if peer.alive:
+                self._scanning_subscribe(peer, msg)
+        if deferred:
+            self._next_check = min(self._next_check, time.monotonic() + 0.01)
 
 
 class _Listeners:
@@ -1643,12 +1708,13 @@ class _Listeners:
             self._queue_control(peer, _control_block({
                 "ctl": "gap", "reason": "crash", "epoch": epoch, "first": since + 1,
                 "last": None, "n": None}))
-            self._replay(peer, filters, 0, "crash", False)
+            self._replay(peer, _Wanted(filters), 0, "crash", False)
         elif since is not None:
-            self._replay(peer, filters, min(since, self.seq), "handoff" if resumed else "ring",
-                         handed)
+            self._replay(peer, _Wanted(filters), min(since, self.seq),
+                         "handoff" if resumed else "ring", handed)
         elif last:
-            self._replay(peer, filters, self._since_last(filters, last), "ring", False)
+            wanted = _Wanted(filters)
+            self._replay(peer, wanted, self._since_last(wanted, last), "ring", False)
         peer.listener = True
         peer.filters = filters
         if filters is None:
@@ -1658,20 +1724,19 @@ class _Listeners:
         self._dirty.add(peer)
         log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
 
-    def _since_last(self, filters: list | None, count: int) -> int:
-        """Return the number after which the last *count* events (that *filters* want) lie."""
-        if filters is None:
+    def _since_last(self, wanted: _Wanted, count: int) -> int:
+        """Return the number after which the last *count* events (that *wanted* wants) lie."""
+        if wanted.filters is None:
             return max(0, self.seq - count)
         found = 0
         for blk in reversed(self._ring.blocks):
-            for seq, tag, _start, _end in reversed(_event_runs(blk.bufs[-1], blk.first)):
-                if _filters_match(filters, tag):
-                    found += 1
-                    if found == count:
-                        return seq - 1
+            items = wanted.items(blk)
+            if found + len(items) >= count:
+                return items[found - count][0] - 1
+            found += len(items)
         return max(0, self._ring.first - 1)
 
-    def _replay(self, peer: _Peer, filters: list | None, since: int, reason: str,
+    def _replay(self, peer: _Peer, wanted: _Wanted, since: int, reason: str,
                 trusted: bool) -> None:
         """Queue for *peer* the ring's events after *since* (those its filters want), with
         a ``gap`` notice for every stretch the ring does not have.
@@ -1682,6 +1747,7 @@ class _Listeners:
         wanted is then in the ring.
         """
         cursor = since + 1
+        filters = wanted.filters
         for blk in list(self._ring.blocks):
             if blk.last < cursor:
                 continue
@@ -1690,9 +1756,9 @@ class _Listeners:
             if cursor <= blk.first and filters is None:
                 self._enqueue(peer, blk)
             else:
-                items = [item for item in _event_runs(blk.bufs[-1], blk.first)
-                         if item[0] >= cursor and (filters is None
-                                                   or _filters_match(filters, item[1]))]
+                items = wanted.items(blk)
+                if items and items[0][0] < cursor:
+                    items = [item for item in items if item[0] >= cursor]
                 if items:
                     self._enqueue(peer, _sub_block(blk.bufs[-1], items))
             cursor = blk.last + 1
@@ -2180,6 +2246,9 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._plain: dict = {}                 # listeners that want every event
         self._index = _TagIndex()              # listeners that declared tags
         self._filter_held = 0                  # bytes their filters hold, all together
+        self._scan_credit = _SCAN_BURST        # seconds filtered replays may still take
+        self._scan_at = time.monotonic()
+        self._deferred: collections.deque = collections.deque()   # (peer, sub) waiting
         self._partial: set = set()             # peers holding an unfinished frame
         self._paused: collections.deque = collections.deque()
         self._dirty: set = set()
@@ -2395,6 +2464,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             self._resume_paused()          # frames held too long were evicted for them
         if self._ring.grace_until and now >= self._ring.grace_until:
             self._ring.end_grace(self._release)
+        if self._deferred:
+            self._run_deferred()
         for peer in self._peers:
             if not peer.out and peer.out is not _NO_OUTPUT:
                 peer.out = _NO_OUTPUT          # an idle peer holds no queue
@@ -2409,8 +2480,12 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
     # -- connections (broker thread)
 
     def _accept(self) -> None:
-        """Accept pending connections; refuse other users.  Runs on the broker thread."""
-        while self._listen_sock is not None:
+        """Accept pending connections, 64 at most before serving those already here (so
+        a flood of connections that close at once cannot fill the table before their
+        ends are read); refuse other users.  Runs on the broker thread."""
+        for _ in range(64):
+            if self._listen_sock is None:
+                return
             try:
                 sock, _ = self._listen_sock.accept()
             except (BlockingIOError, InterruptedError):

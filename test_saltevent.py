@@ -3475,6 +3475,58 @@ def test_listeners_filters_together_are_bounded_and_past_it_refused_by_name(sock
         MasterEvent(sock_dir, opts={"saltevent_tags": ["*a?" * 65]})
 
 
+REPLAY_FLOOD = """
+import json, socket, struct, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+body = json.dumps({"ctl": "sub", "tags": ["nomatch/"], "last": 10 ** 9}).encode()
+frame = struct.pack("!BBHI", 0x43, 0, 0, len(body)) + body
+end = time.monotonic() + seconds
+sent = 0
+while time.monotonic() < end:
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+        sock.sendall(frame)
+        sent += 1
+    except OSError:
+        pass
+    finally:
+        sock.close()
+print(sent, flush=True)
+"""
+
+
+def test_a_flood_of_subscriptions_that_scan_the_ring_leaves_the_bus_to_others(sock_dir):
+    """A listener that asks for the last N of its tags makes the broker scan the ring;
+    a client that asks that again and again, from new connections, gets the broker's
+    time only in its share: the others' events keep flowing meanwhile."""
+    broker = MasterEvent(sock_dir, listen=False,
+                         opts={"saltevent_broker": "process", "saltevent_idle_exit": 0.5})
+    try:
+        assert broker.connect_pull(timeout=TIMEOUT)
+        with raw_client(bus_path(sock_dir)) as sock:      # a full ring, every tag new
+            sock.sendall(b"".join(wire(E, b"fill/%d" % i, b"{}") for i in range(10_000)))
+        wait_until(lambda: broker_stats(bus_path(sock_dir))["ring"]["events"] >= 10_000,
+                   what="the ring to fill")
+        flood = subprocess.Popen([sys.executable, "-c", REPLAY_FLOOD, bus_path(sock_dir),
+                                  "4"], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.5)
+            with MasterEvent(sock_dir, opts={"saltevent_tags": ["honest/"]}) as honest, \
+                    MasterEvent(sock_dir, listen=False) as firer:
+                t0 = time.monotonic()
+                for i in range(50):
+                    assert firer.fire_event({"i": i}, "honest/x")
+                    got = honest.get_event(wait=TIMEOUT, tag="honest/")
+                    assert got and got["i"] == i, f"round trip {i} failed"
+                assert time.monotonic() - t0 < 3.0
+        finally:
+            out, _ = flood.communicate(timeout=TIMEOUT + 10)
+        assert int(out) > 100, "the flood did not run"
+    finally:
+        broker.destroy()
+
+
 # -- Catching up: sequence numbers, replay, exact gaps ------------------------
 
 
