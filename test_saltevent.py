@@ -1275,6 +1275,18 @@ def test_a_bad_body_among_many_costs_its_listener_one_more_pass(sock_dir, listen
     assert sum(scanned) < 4 * received, (sum(scanned), received)
 
 
+@pytest.mark.parametrize("sub", [{"backlog": "lots"}, {"since": 2 ** 63}, {"tags": [1]},
+                                 {"tags": ["*a?" * 65]}])
+def test_a_subscription_the_broker_refuses_is_answered_with_the_reason(held_bus, sub):
+    """A listener must not take a refusal for a hand-off and retry at once, for ever:
+    the broker says ``refused``, with why, then closes."""
+    with RawConn(bus_path(held_bus)) as conn:
+        conn.send(control_frame({"ctl": "sub", **sub}))
+        refused = conn.control("refused")
+        assert refused["reason"].startswith("bad subscription: ")
+        assert conn.frame() is None
+
+
 def test_hostile_clients_are_dropped_others_carry_on(sock_dir, listener, firer, caplog):
     caplog.set_level(logging.WARNING, logger="saltevent")
     path = bus_path(sock_dir)
@@ -4068,6 +4080,16 @@ def test_cli_listen_filters_tags(held_bus, args, fired, wanted):
         rc, out, err = reap(listen)
     assert rc == 0, err
     assert [line.split("\t")[0] for line in out.splitlines()] == [wanted]
+
+
+def test_fnmatch_match_type_takes_time_linear_in_a_hostile_tag(sock_dir, listener, firer):
+    """``match_type='fnmatch'`` means fnmatch.fnmatch; its regex for ``a/*/*/*/b``
+    backtracks for minutes on Python 3.8 given a tag of slashes.  Here it does not."""
+    assert firer.fire_event({}, "salt" + "/" * 3000)
+    assert firer.fire_event({"n": 1}, "salt/a/b/c/done")
+    t0 = time.monotonic()
+    got = listener.get_event(wait=TIMEOUT, tag="salt/*/*/*/done", match_type="fnmatch")
+    assert got == {"n": 1, "_stamp": got["_stamp"]} and time.monotonic() - t0 < TIMEOUT
 
 
 def test_cli_listen_prints_one_line_per_event_whatever_the_tag_holds(held_bus):
