@@ -1099,14 +1099,13 @@ def _remove_stale_socket(path: str) -> None:
 
 
 class _Election(tuple):
-    """What winning a bus's election gives: (listening socket, lock fd, its path's identity,
-    the predecessor's hand-off state or None)."""
+    """What winning a bus's election gives: (listening socket, lock fd, its path's
+    identity).  The broker reads the predecessor's hand-off state on its own thread."""
 
     __slots__ = ()
     sock = property(lambda self: self[0])
     lock_fd = property(lambda self: self[1])
     ident = property(lambda self: self[2])
-    state = property(lambda self: self[3])
 
     def give_up(self, path: str) -> None:
         """Release what the election took (a broker could not start): the socket, its
@@ -1153,7 +1152,6 @@ def _elect(bus: _Bus) -> _Election | None:
         os.chmod(bus.path, 0o600)
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
-        state = _load_state(bus)
     except BaseException:
         if sock is not None:
             sock.close()
@@ -1165,7 +1163,7 @@ def _elect(bus: _Bus) -> _Election | None:
             pass
         raise
     log.debug("elected broker of %s (pid %d)", bus.path, os.getpid())
-    return _Election((sock, lock_fd, bound, state))
+    return _Election((sock, lock_fd, bound))
 
 
 def _load_state(bus: _Bus) -> dict | None:
@@ -1202,13 +1200,19 @@ def _load_state(bus: _Bus) -> dict | None:
 
 
 def _parse_state(raw: bytes) -> dict:
-    """Return ``{"epoch", "seq", "runs": [(first, last, payload)], "lids", "drops"}``."""
-    reader = _FrameReader(MAX_FRAME_BYTES, _MAX_STATE_HEAD_BYTES)
-    frames = reader._parse(raw)
-    if reader.head or not frames or frames[0][0] != _CONTROL:
+    """Return ``{"epoch", "seq", "runs": [(first, last, payload)], "lids", "drops"}``.
+
+    Walks the frames without making an object of each (a state may hold millions of
+    small events); checks each as the broker checks a client's.
+    """
+    size = len(raw)
+    if size < _HDR_SIZE:
         raise FrameError("truncated hand-off state")
-    _kind, _tag, data, _start, body, end = frames[0]
-    head = _decode_control(data[body:end])
+    kind, flags, taglen, bodylen = _HDR.unpack_from(raw, 0)
+    if (kind != _CONTROL or flags or taglen or bodylen > _MAX_STATE_HEAD_BYTES
+            or _HDR_SIZE + bodylen > size):
+        raise FrameError("truncated hand-off state")
+    head = _decode_control(raw[_HDR_SIZE:_HDR_SIZE + bodylen])
     epoch, seq = head.get("epoch"), head.get("seq")
     lids, drops = head.get("lids", []), head.get("drops", {})
     if not (isinstance(epoch, str) and 0 < len(epoch) <= 64 and seq.__class__ is int
@@ -1217,8 +1221,19 @@ def _parse_state(raw: bytes) -> dict:
     runs = []
     next_seq = last = None
     run = None                       # [first, start, end] of the current run
-    for kind, _tag, _data, start, body, end in frames[1:]:
+    unpack = _HDR.unpack_from
+    off = _HDR_SIZE + bodylen
+    while off < size:
+        if size - off < _HDR_SIZE:
+            raise FrameError("truncated hand-off state")
+        kind, flags, taglen, bodylen = unpack(raw, off)
+        body = off + _HDR_SIZE + taglen
+        end = body + bodylen
+        if end > size:
+            raise FrameError("truncated hand-off state")
         if kind == _MARK:
+            if flags or taglen or bodylen != _SEQ.size:
+                raise FrameError("malformed sequence mark in hand-off state")
             mark = _SEQ.unpack_from(raw, body)[0]
             if (last is not None and mark <= last) or mark > seq:
                 raise FrameError("hand-off state events out of order")
@@ -1227,16 +1242,24 @@ def _parse_state(raw: bytes) -> dict:
                 run = None
             next_seq = mark
         elif kind == _EVENT:
+            if (flags or not taglen or bodylen < 2 or end - off > MAX_FRAME_BYTES
+                    or raw[body] != _LBRACE or raw[end - 1] != _RBRACE):
+                raise FrameError("malformed event in hand-off state")
+            try:
+                raw[off + _HDR_SIZE:body].decode()
+            except UnicodeDecodeError:
+                raise FrameError("event tag in hand-off state is not UTF-8") from None
             if next_seq is None or next_seq > seq:
                 raise FrameError("hand-off state event without a valid sequence number")
             if run is None:
-                run = [next_seq, start, end]
+                run = [next_seq, off, end]
             else:
                 run[2] = end
             last = next_seq
             next_seq += 1
         else:
-            raise FrameError("unexpected control frame in hand-off state")
+            raise FrameError("unexpected frame in hand-off state")
+        off = end
     if run:
         runs.append((run[0], last, raw[run[1]:run[2]]))
     good_drops = {}
@@ -1245,7 +1268,7 @@ def _parse_state(raw: bytes) -> dict:
                 and all(item.__class__ is int and 0 <= item < _MAX_SEQ for item in drop)):
             good_drops[lid] = drop
     return {"epoch": epoch, "seq": seq, "runs": runs, "drops": good_drops,
-            "lids": {lid for lid in lids[:DEFAULT_MAX_CLIENTS] if isinstance(lid, str)}}
+            "lids": {lid for lid in lids if isinstance(lid, str)}}
 
 
 def _write_state(bus: _Bus, head: dict, runs: list) -> None:
@@ -2286,12 +2309,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._drops = 0
         self._resuming: set = set()            # listener ids the predecessor handed over
         self._handed_drops: dict = {}
-        state = election.state
-        if state:
-            self.epoch, self.seq = state["epoch"], state["seq"]
-            self._adopt(state)
-        else:
-            self.epoch, self.seq = os.urandom(6).hex(), 0
+        self.epoch, self.seq = os.urandom(6).hex(), 0
         self._hello = _encode_control({"ctl": "hello", "pid": os.getpid(), "v": 2,
                                        "epoch": self.epoch})
         try:
@@ -2302,6 +2320,17 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         except BaseException:
             self._close_own_fds()
             raise
+
+    def _take_over(self) -> None:
+        """Continue a clean predecessor's epoch, if it left a hand-off state.  On the
+        broker thread, before serving: a big state costs the electing caller nothing,
+        and no client is served before it is read."""
+        state = _load_state(self.bus)
+        if state:
+            self.epoch, self.seq = state["epoch"], state["seq"]
+            self._hello = _encode_control({"ctl": "hello", "pid": os.getpid(), "v": 2,
+                                           "epoch": self.epoch})
+            self._adopt(state)
 
     def _adopt(self, state: dict) -> None:
         """Take over the events a clean predecessor handed over."""
@@ -2352,6 +2381,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
     def serve_forever(self) -> None:
         """Serve until close(); then hand off.  Runs on the broker thread."""
         try:
+            self._take_over()
             self._serve()
             self._handoff()
         except BaseException as exc:

@@ -1569,6 +1569,27 @@ def test_a_tampered_hand_off_state_is_ignored_and_the_bus_runs_on(sock_dir, head
     assert "hand-off state" in caplog.text
 
 
+def test_a_huge_hand_off_state_costs_the_electing_caller_nothing(sock_dir):
+    """The process elected reads the predecessor's state on the broker's thread: a
+    state of millions of events (or a planted one) does not hold the call that won the
+    election past its timeout."""
+    count = 3_000_000
+    head = control_frame({"ctl": "state", "epoch": "e1", "seq": count, "lids": [],
+                          "drops": {}})
+    mark = struct.pack("!BBHIQ", 0x53, 0, 0, 8, 1)
+    state = os.path.join(sock_dir, "saltevent-master.state")
+    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as state_file:
+        state_file.write(head + mark + wire(E, b"t", b"{}") * count)
+    ev = MasterEvent(sock_dir, listen=False)
+    try:
+        t0 = time.monotonic()
+        ev.fire_event({}, "x", timeout=100)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        ev.destroy()
+
+
 def test_a_resume_that_times_out_still_resumes_later(sock_dir, spawn):
     """A failed resume is not a fresh start: the next try resumes, and the new broker
     says what may have been missed."""
