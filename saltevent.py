@@ -1281,6 +1281,8 @@ def _write_state(bus: _Bus, head: dict, runs: list) -> None:
         os.unlink(tmp)
     except FileNotFoundError:
         pass
+    except OSError:                    # something else sits there (a directory): go around
+        tmp = f"{bus.state_path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "hand-off state file")
     try:
         parts = [_encode_control(head)]

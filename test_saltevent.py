@@ -1569,6 +1569,24 @@ def test_a_tampered_hand_off_state_is_ignored_and_the_bus_runs_on(sock_dir, head
     assert "hand-off state" in caplog.text
 
 
+def test_a_clean_hand_off_goes_around_a_directory_planted_at_its_temporary_file(sock_dir,
+                                                                                spawn):
+    hub, slow, firer_proc = spawn(), spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
+    slow.call(op="open", name="s", sock_dir=sock_dir)
+    os.mkdir(os.path.join(sock_dir, "saltevent-master.state.tmp"))
+    firer_proc.call(op="open", name="f", sock_dir=sock_dir, listen=False, pull=True)
+    assert firer_proc.call(op="fire", name="f", tag="tmp/x", n=40,
+                           data={"pad": "p" * 100_000})["ok"] == 40
+    wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= 40,
+               what="the broker to take every event")
+    hub.call(op="exit")
+    assert hub.wait() == 0
+    got = slow.call(op="get", name="s", tag="tmp/", n=40, wait=30, fields=["i"], timeout=40)
+    assert got["n"] == 40 and got["rows"] == [[i] for i in range(40)]
+    assert got["dropped"] == 0 and got["gaps"] == 0
+
+
 def test_a_huge_hand_off_state_costs_the_electing_caller_nothing(sock_dir):
     """The process elected reads the predecessor's state on the broker's thread: a
     state of millions of events (or a planted one) does not hold the call that won the
