@@ -173,8 +173,9 @@ _CONTROL_BUDGET = 8 << 20              # bytes of control replies queued for all
 _MAX_CONTROL_BYTES = 64 << 10          # bytes, one control frame
 _BLOCK_COST = 256                      # bytes an event block costs beyond its own (the
                                        # objects; many tiny blocks must count)
-_MAX_SEQ = 1 << 62     # a number in a hand-off state file stays below: far below 2**63,
-                       # the most a client accepts, however many events come after
+_MAX_SEQ = 1 << 62                     # numbers in a hand-off state stay below: far
+                                       # below what a client accepts (2**63), whatever
+                                       # number of events comes after
 _MAX_STATE_HEAD_BYTES = 4 << 20        # bytes, the head of a hand-off state file (every
                                        # listener's id and drops)
 _MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
@@ -681,7 +682,7 @@ class _Glob:
     bound on listeners' filters.
     """
 
-    __slots__ = ("head", "middle", "tail", "tail_len", "pieces", "cost")
+    __slots__ = ("head", "middle", "tail", "tail_len", "regexes", "cost")
 
     def __init__(self, pattern: str):
         if "[" in pattern:
@@ -691,8 +692,8 @@ class _Glob:
             lengths = [len(text) for text in texts]
         pieces = [_glob_piece(text) if "?" in text or "[" in text else text
                   for text in texts]
-        self.pieces = sum(piece.__class__ is not str for piece in pieces)
-        self.cost = (len(pattern) + _FILTER_COST + _GLOB_PIECE_COST * self.pieces
+        self.regexes = sum(piece.__class__ is not str for piece in pieces)
+        self.cost = (len(pattern) + _FILTER_COST + _GLOB_PIECE_COST * self.regexes
                      + 64 * len(pieces))
         self.head = pieces[0]
         self.middle = pieces[1:-1]
@@ -1633,7 +1634,8 @@ class _Intake:
             elif msg.get("tags") is None or (msg.get("since") is None
                                              and not msg.get("last")):
                 self._subscribe(peer, msg)     # no scan of the ring
-            elif self._scan_allowed():
+            elif (msg.get("resume") and msg.get("lid") in self._resuming
+                  or self._scan_allowed()):    # one handed over does not wait its turn
                 self._scanning_subscribe(peer, msg)
             else:
                 peer.deferred = True
@@ -1652,7 +1654,6 @@ class _Intake:
             self._queue_control(peer, block)
         else:
             self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
-
 
     def _scan_allowed(self) -> bool:
         """True while filtered replays have used less than their share of the broker's
@@ -2653,10 +2654,11 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                     peer.filters)} for peer in shown],
         }
 
+
 def _filters_cost(filters: list) -> int:
     """Bytes a listener's declared filters hold in the broker; ValueError past the
     number of glob pieces one listener may have compiled."""
-    if sum(glob.pieces for _prefix, glob in filters if glob is not None) > _MAX_GLOB_PIECES:
+    if sum(glob.regexes for _prefix, glob in filters if glob is not None) > _MAX_GLOB_PIECES:
         raise ValueError(f"more than {_MAX_GLOB_PIECES} pieces with ? or [...] between "
                          "the * of all its globs")
     return sum(len(prefix) + _FILTER_COST if glob is None else glob.cost
