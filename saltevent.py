@@ -180,10 +180,9 @@ _MAX_STATE_HEAD_BYTES = 4 << 20        # bytes, the head of a hand-off state fil
                                        # listener's id and drops)
 _MAX_TAG_FILTERS = 64                  # tag filters one listener may declare ...
 _MAX_TAG_FILTER_CHARS = 4096           # ... and their characters, all together
-_FILTER_COST = 128                     # bytes one declared filter holds in the broker,
-_GLOB_PIECE_COST = 1024                # and one piece of a glob with ? or [...] (a regex)
-_MAX_GLOB_PIECES = 64                  # such pieces in one listener's filters, at most
-_FILTER_BUDGET = 8 << 20               # bytes all listeners' filters may hold, together
+_FILTER_COST = 128                     # bytes one declared filter holds in the broker
+_FILTER_BUDGET = 8 << 20               # bytes all listeners' filters may hold, together,
+_FILTER_SHARES = 4                     # and the part of it one client process may use
 _SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays that
 _SCAN_BURST = 0.05                     # must scan the ring for a listener's tags; and the
                                        # seconds they may take at once (then they wait)
@@ -678,11 +677,10 @@ class _Glob:
     and each one between at its leftmost place after the one before, which finds a
     match whenever there is one.  A piece of plain characters is matched with str
     methods; one with ``?`` or ``[...]`` with a small regex, shared by every pattern
-    that has the same piece.  ``cost`` is what the pattern holds, for the broker's
-    bound on listeners' filters.
+    that has the same piece.
     """
 
-    __slots__ = ("head", "middle", "tail", "tail_len", "regexes", "cost")
+    __slots__ = ("head", "middle", "tail", "tail_len")
 
     def __init__(self, pattern: str):
         if "[" in pattern:
@@ -692,9 +690,6 @@ class _Glob:
             lengths = [len(text) for text in texts]
         pieces = [_glob_piece(text) if "?" in text or "[" in text else text
                   for text in texts]
-        self.regexes = sum(piece.__class__ is not str for piece in pieces)
-        self.cost = (len(pattern) + _FILTER_COST + _GLOB_PIECE_COST * self.regexes
-                     + 64 * len(pieces))
         self.head = pieces[0]
         self.middle = pieces[1:-1]
         self.tail = pieces[-1] if len(pieces) > 1 else None
@@ -790,7 +785,7 @@ def _literal_prefix(pattern: str) -> str:
     """Return what every tag a glob-or-regex *pattern* matches starts with: the part
     before its first special character, less the character a ``*``, ``?`` or ``{``
     after it makes optional; nothing if the pattern has a ``|``."""
-    if "|" in pattern:
+    if "|" in pattern or "(?" in pattern:     # alternatives; flags that may apply to all
         return ""
     for index, char in enumerate(pattern):
         if char in "*?[]\\.^$+{}()|":
@@ -1352,10 +1347,11 @@ class _Wanted:
     """The events of ring blocks that a listener's filters want, for a replay: each
     block is cut into events once (kept on it), each tag matched once per replay."""
 
-    __slots__ = ("filters", "tags")
+    __slots__ = ("filters", "prefixes", "tags")
 
     def __init__(self, filters: list | None):
         self.filters = filters
+        self.prefixes = None if filters is None else tuple(p for p, _glob in filters)
         self.tags: dict = {}                   # tag -> wanted?
 
     def items(self, blk: _Block) -> list:
@@ -1367,8 +1363,9 @@ class _Wanted:
         if filters is None:
             return runs
         tags = self.tags
+        prefixes = self.prefixes
         for tag in {run[1] for run in runs}.difference(tags):
-            tags[tag] = _filters_match(filters, tag)
+            tags[tag] = tag.startswith(prefixes)
         return [run for run in runs if tags[run[1]]]
 
 
@@ -1639,7 +1636,7 @@ class _Intake:
                 self._scanning_subscribe(peer, msg)
             else:
                 peer.deferred = True
-                self._deferred.append((peer, msg))
+                self._deferred.setdefault(peer.pid, {})[peer] = msg
                 self._next_check = min(self._next_check, time.monotonic() + 0.01)
         elif ctl == "stats":
             if peer.stats_pending is not None:
@@ -1670,13 +1667,18 @@ class _Intake:
         self._scan_credit -= time.perf_counter() - started
 
     def _run_deferred(self) -> None:
-        """Answer the subscriptions that wait, in order, as the share of time allows."""
+        """Answer the subscriptions that wait as the share of time allows: one client
+        process after another, each in its order (many from one cannot starve another)."""
         deferred = self._deferred
         while deferred and self._scan_allowed():
-            peer, msg = deferred.popleft()
+            pid = next(iter(deferred))
+            waiting = deferred.pop(pid)
+            peer = next(iter(waiting))
+            msg = waiting.pop(peer)
+            if waiting:
+                deferred[pid] = waiting        # to the back of the line
             peer.deferred = False
-            if peer.alive:
-                self._scanning_subscribe(peer, msg)
+            self._scanning_subscribe(peer, msg)
         if deferred:
             self._next_check = min(self._next_check, time.monotonic() + 0.01)
 
@@ -1704,21 +1706,25 @@ class _Listeners:
                         or sum(map(len, tags)) > _MAX_TAG_FILTER_CHARS):
                     raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
                                      f"strings of {_MAX_TAG_FILTER_CHARS} characters in all")
-                filters = [_tag_filter(t) for t in tags]
-                cost = _filters_cost(filters)
+                filters = _broker_filters(tags)
             else:
                 filters = None
         except ValueError as exc:
             self._refuse(peer, f"bad subscription: {exc}")
             return
         if filters is not None:
-            if self._filter_held + cost > _FILTER_BUDGET:
-                self._refuse(peer, f"listeners' tag filters hold {self._filter_held} "
-                                   f"bytes; this listener's {cost} would pass the bound "
-                                   f"({_FILTER_BUDGET})")
+            cost = sum(len(prefix) + _FILTER_COST for prefix, _glob in filters)
+            mine = self._filter_pids.get(peer.pid, 0)
+            if (self._filter_held + cost > _FILTER_BUDGET
+                    or mine + cost > _FILTER_BUDGET // _FILTER_SHARES):
+                self._refuse(peer, f"listeners' tag filters hold {self._filter_held} bytes "
+                                   f"({mine} for pid {peer.pid}); this listener's {cost} "
+                                   f"would pass the bound ({_FILTER_BUDGET}, a quarter of "
+                                   f"it per process)")
                 return
             peer.filter_cost = cost
             self._filter_held += cost
+            self._filter_pids[peer.pid] = mine + cost
         peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
         peer.lid = lid
         ring = self._ring
@@ -1753,6 +1759,8 @@ class _Listeners:
         else:
             self._index.add(peer, filters)
         self._dirty.add(peer)
+        if self._ev_held > self._ev_cap:       # a replay may have copied much of the ring
+            self._shed()
         log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
 
     def _refuse(self, peer: _Peer, reason: str) -> None:
@@ -1797,10 +1805,13 @@ class _Listeners:
                 self._enqueue(peer, blk)
             else:
                 items = wanted.items(blk)
-                if items and items[0][0] < cursor:
-                    items = [item for item in items if item[0] >= cursor]
-                if items:
-                    self._enqueue(peer, _sub_block(blk.bufs[-1], items))
+                if cursor <= blk.first and len(items) == blk.count:
+                    self._enqueue(peer, blk)   # all of it: shared, not copied
+                else:
+                    if items and items[0][0] < cursor:
+                        items = [item for item in items if item[0] >= cursor]
+                    if items:
+                        self._enqueue(peer, _sub_block(blk.bufs[-1], items))
             cursor = blk.last + 1
             if not peer.alive:
                 return
@@ -2286,9 +2297,10 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._plain: dict = {}                 # listeners that want every event
         self._index = _TagIndex()              # listeners that declared tags
         self._filter_held = 0                  # bytes their filters hold, all together
+        self._filter_pids: dict = {}           # ... and for each client process
         self._scan_credit = _SCAN_BURST        # seconds filtered replays may still take
         self._scan_at = time.monotonic()
-        self._deferred: collections.deque = collections.deque()   # (peer, sub) waiting
+        self._deferred: dict = {}              # pid -> {peer: sub} waiting for the time
         self._partial: set = set()             # peers holding an unfinished frame
         self._paused: collections.deque = collections.deque()
         self._dirty: set = set()
@@ -2432,6 +2444,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._plain.clear()
         self._index = _TagIndex()
         self._filter_held = 0
+        self._filter_pids.clear()
         sock, self._listen_sock = self._listen_sock, None
         if sock is not None:
             self._unlink_own_path()
@@ -2604,8 +2617,18 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 self._plain.pop(peer, None)
             else:
                 self._index.remove(peer, peer.filters)
-        self._filter_held -= peer.filter_cost
-        peer.filter_cost = 0
+        if peer.deferred:
+            waiting = self._deferred.get(peer.pid, {})
+            waiting.pop(peer, None)
+            if not waiting:
+                self._deferred.pop(peer.pid, None)
+            peer.deferred = False
+        if peer.filter_cost:
+            self._filter_held -= peer.filter_cost
+            left = self._filter_pids.pop(peer.pid, 0) - peer.filter_cost
+            if left > 0:
+                self._filter_pids[peer.pid] = left
+            peer.filter_cost = 0
         self._discard_output(peer)
         self._in_held -= peer.reader.held
         peer.reader.buf = None
@@ -2655,14 +2678,19 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         }
 
 
-def _filters_cost(filters: list) -> int:
-    """Bytes a listener's declared filters hold in the broker; ValueError past the
-    number of glob pieces one listener may have compiled."""
-    if sum(glob.regexes for _prefix, glob in filters if glob is not None) > _MAX_GLOB_PIECES:
-        raise ValueError(f"more than {_MAX_GLOB_PIECES} pieces with ? or [...] between "
-                         "the * of all its globs")
-    return sum(len(prefix) + _FILTER_COST if glob is None else glob.cost
-               for prefix, glob in filters)
+def _broker_filters(tags: list) -> list | None:
+    """What the broker filters on for a listener that declared *tags*: the literal start
+    of each (a glob is matched in full by the listener itself, so a pattern cannot make
+    the broker's work per event grow), ``(prefix, None)`` each; None if one of them
+    starts with a wildcard (the broker sends everything)."""
+    prefixes = set()
+    for pattern in tags:
+        cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
+        prefix = pattern if cut < 0 else pattern[:cut]
+        if not prefix:
+            return None
+        prefixes.add(prefix)
+    return [(prefix, None) for prefix in sorted(prefixes)]
 
 
 def _filters_match(filters: list, tag: str) -> bool:
@@ -3411,6 +3439,7 @@ class _Listening(_EventBase):
         events = self._events
         pending_tags = self.pending_tags
         every = not tag and match is _match_startswith
+        declared = self._declared
         while events:
             etag, body, seq = events.popleft()
             if etag is None:
@@ -3418,6 +3447,8 @@ class _Listening(_EventBase):
                 if gap is not None:
                     return gap
                 continue
+            if declared is not None and not _filters_match(declared, etag):
+                continue                       # the broker matched the glob's start only
             if every or match(etag, tag):
                 if body.__class__ is dict and not self._seq_keys:     # the fast path
                     self.last_seq = seq
@@ -4139,6 +4170,8 @@ class _AsyncFace(_EventBase):
                 if gap is None:
                     continue
                 raw = _encode_event(gap["tag"], gap["data"])
+            elif self._declared is not None and not _filters_match(self._declared, tag):
+                continue
             else:
                 if body.__class__ is dict:         # decoded ahead by get_event
                     body = _encode_body(body)
@@ -4301,6 +4334,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self.last_seq = None
         self.epoch = None
         self._events = collections.deque()
+        self._declared = None                  # declared globs, checked here (see _take)
         self._bye_checked = 0.0
         self._warn_after = 0.0
         self._bad_warn_after = 0.0
@@ -4349,10 +4383,12 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
                                  f"{sum(map(len, tags))} characters; at most "
                                  f"{_MAX_TAG_FILTERS} of {_MAX_TAG_FILTER_CHARS} in all")
             tags = list(tags)
-            try:                               # what the broker would refuse: now
-                _filters_cost([_tag_filter(pattern) for pattern in tags])
+            try:                               # a glob that cannot compile: now
+                declared = [_tag_filter(pattern) for pattern in tags]
             except ValueError as exc:
                 raise ValueError(f"opts['saltevent_tags']: {exc}") from None
+            if any(glob is not None for _prefix, glob in declared):
+                self._declared = declared      # the broker filters on their starts only
         self._filters = tags
         self._replay = None
         last, since = opts.get("saltevent_replay_last"), opts.get("saltevent_replay_since")
@@ -4380,7 +4416,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
             self._pub_slot.conn = _drive(self._subscribe_steps(deadline, gen), self._wake)
         except EventTimeout as exc:
             self._failed("cannot listen", exc)
-        except OSError as exc:
+        except (OSError, FrameError) as exc:   # FrameError: no broker of ours answered
             raise BusClosedError(self._bus.path, f"cannot listen: {exc}") from exc
 
     def _open(self) -> None:
@@ -5284,6 +5320,12 @@ def _cmd_fire(args: Any, node: str, master: bool) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """*text* as it may be printed on one line of output: JSON-escaped if it holds a
+    tab, a newline, an escape sequence or another character that is not printable."""
+    return text if text.isprintable() else json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 def _listen_filter(args: Any) -> tuple:
     """Return the listen command's test of a tag, as Salt's state.event does it, and the
     prefix the broker may filter on (None: everything)."""
@@ -5346,9 +5388,9 @@ def _cmd_listen(args: Any, node: str) -> int:
     count = 0
 
     def tell(gap: Gap) -> None:
-        print(f"saltevent: missed {'some' if gap.count is None else gap.count} events "
-              f"{gap.first}-{'?' if gap.last is None else gap.last} of epoch {gap.epoch} "
-              f"({gap.reason})", file=sys.stderr, flush=True)
+        print(_one_line(f"saltevent: missed {'some' if gap.count is None else gap.count} "
+                        f"events {gap.first}-{'?' if gap.last is None else gap.last} of "
+                        f"epoch {gap.epoch} ({gap.reason})"), file=sys.stderr, flush=True)
 
     with SaltEvent(node, args.sock_dir, opts, raise_errors=True) as event:
         event._on_gap = tell
@@ -5360,9 +5402,7 @@ def _cmd_listen(args: Any, node: str) -> int:
             if not is_gap and not wanted(tag):
                 continue
             if not args.quiet:
-                if not tag.isprintable():      # no tab, newline or escape: one line
-                    tag = json.dumps(tag, ensure_ascii=False)[1:-1]     # per event
-                line = f"{tag}\t{_json_text(found['data'], args.pretty)}\n"
+                line = f"{_one_line(tag)}\t{_json_text(found['data'], args.pretty)}\n"
                 if args.seq:
                     line = f"{'-' if is_gap else event.last_seq}\t{line}"
                 try:
@@ -5453,6 +5493,19 @@ def _cmd_stats(args: Any, node: str) -> int:
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
+    try:
+        lines = _stats_lines(stats)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise SaltEventError(f"the broker of {bus.path} sent stats it cannot have made "
+                             f"({type(exc).__name__}: {exc})") from None
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _stats_lines(stats: dict) -> list:
+    """The lines ``saltevent stats`` prints (the broker's reply is input: any part of it
+    may be missing or of another type, which raises)."""
     ring = stats.get("ring", {})
     held = stats.get("held", {})
     rows = [("bus", stats["bus"]), ("broker pid", stats["pid"]),
@@ -5465,12 +5518,11 @@ def _cmd_stats(args: Any, node: str) -> int:
                      f"seq {ring.get('first')}-{ring.get('last')}"),
             ("held", f"{held.get('events')} bytes of events, {held.get('input')} of input, "
                      f"{held.get('control')} of replies")]
-    for name, value in rows:
-        print(f"{name:<11} {value}")
+    lines = [f"{name:<11} {value}" for name, value in rows]
     for item in stats["per_listener"]:
-        print(f"listener    pid {item['pid']}: {item['events_out']} events out, "
-              f"{item['dropped']} dropped, {item['queued_bytes']} bytes queued")
-    return 0
+        lines.append(f"listener    pid {item['pid']}: {item['events_out']} events out, "
+                     f"{item['dropped']} dropped, {item['queued_bytes']} bytes queued")
+    return lines
 
 
 def _seconds(text: str) -> float:
