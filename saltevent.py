@@ -661,18 +661,23 @@ def _tag_filter(pattern: str) -> tuple:
     A pattern with ``*``, ``?`` or ``[`` is a glob on the whole tag (fnmatch, case
     sensitive); any other pattern is a prefix.
     """
+    prefix = _glob_start(pattern)
+    return prefix, None if prefix == pattern else _Glob(pattern)
+
+
+def _glob_start(pattern: str) -> str:
+    """The part of a declared tag filter before its first ``*``, ``?`` or ``[``."""
     cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
-    if cut < 0:
-        return pattern, None
-    return pattern[:cut], _Glob(pattern)
+    return pattern if cut < 0 else pattern[:cut]
 
 
 class _Glob:
     """One fnmatch pattern, matched in time linear in the tag's length.
 
-    The broker matches listeners' patterns against every tag, so a pattern must not
-    be able to stall it: ``fnmatch.translate`` of ``*a*a*a...b`` backtracks
-    exponentially on Python 3.8.  Here the pattern is cut at each ``*`` into pieces
+    A listener matches its declared globs (and ``match_type='fnmatch'``, and the CLI
+    its TAGMATCH) against tags that other clients choose, so a hostile tag must not be
+    able to stall it: ``fnmatch.translate`` of ``*a*a*a...b`` backtracks exponentially
+    on Python 3.8.  Here the pattern is cut at each ``*`` into pieces
     of fixed length; the first piece must match at the start, the last at the end,
     and each one between at its leftmost place after the one before, which finds a
     match whenever there is one.  A piece of plain characters is matched with str
@@ -2685,8 +2690,7 @@ def _broker_filters(tags: list) -> list | None:
     starts with a wildcard (the broker sends everything)."""
     prefixes = set()
     for pattern in tags:
-        cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
-        prefix = pattern if cut < 0 else pattern[:cut]
+        prefix = _glob_start(pattern)
         if not prefix:
             return None
         prefixes.add(prefix)
