@@ -183,6 +183,10 @@ _MAX_TAG_FILTER_CHARS = 4096           # ... and their characters, all together
 _FILTER_COST = 128                     # bytes one declared filter holds in the broker
 _FILTER_BUDGET = 8 << 20               # bytes all listeners' filters may hold, together,
 _FILTER_SHARES = 4                     # and the part of it one client process may use
+_GLOB_PIECES = 1024                    # pieces (between '*') of the different globs all
+                                       # listeners declared: what matching a tag may cost
+_GLOB_TAG_CHARS = 256                  # a longer tag passes globs on their literal start
+                                       # in the broker; the listener matches it in full
 _SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays that
 _SCAN_BURST = 0.05                     # must scan the ring for a listener's tags; and the
                                        # seconds they may take at once (then they wait)
@@ -804,35 +808,77 @@ def _glob_only(pattern: str) -> bool:
 
 
 class _TagIndex:
-    """Which filtered listeners want a tag: prefixes indexed by length, globs by their
-    literal prefix, answers cached per tag.  Used on the broker thread only."""
+    """Which filtered listeners want a tag: their filters indexed by the length of
+    their literal start, then by the start, then by the pattern; each glob compiled and
+    matched once per tag however many listeners declared it; answers cached per tag.
+    ``glob_pieces`` counts the pieces (the parts between ``*``) of the different globs
+    held: what one tag can cost to match.  Used on the broker thread only."""
 
-    __slots__ = ("_by_len", "_lengths", "_cache")
+    __slots__ = ("_by_len", "_lengths", "_cache", "globs", "glob_pieces")
 
     def __init__(self):
-        self._by_len: dict = {}        # length -> {prefix: [(peer, glob or None), ...]}
+        self._by_len: dict = {}        # length -> {prefix: {pattern: [glob, {peer: None}]}}
         self._lengths: list = []
         self._cache: dict = {}
+        self.globs: dict = {}          # pattern -> [glob, listeners that declared it]
+        self.glob_pieces = 0
 
     def __bool__(self) -> bool:
         return bool(self._lengths)
 
-    def add(self, peer: Any, filters: list) -> None:
-        for prefix, glob in filters:
-            self._by_len.setdefault(len(prefix), {}).setdefault(prefix, []).append((peer, glob))
+    def new_pieces(self, patterns: list) -> int:
+        """The glob pieces that declaring *patterns* would add."""
+        return sum(pattern.count("*") + 1 for pattern in set(patterns)
+                   if pattern not in self.globs and _glob_start(pattern) != pattern)
+
+    def add(self, peer: Any, patterns: list) -> list:
+        """Register *peer*'s declared *patterns*; return its filters, ``(prefix, glob or
+        None)`` (ValueError, and nothing registered, if a glob cannot compile)."""
+        filters = []
+        fresh = {}
+        for pattern in dict.fromkeys(patterns):
+            prefix = _glob_start(pattern)
+            glob = None
+            if prefix != pattern:
+                held = self.globs.get(pattern) or fresh.get(pattern)
+                glob = held[0] if held else _Glob(pattern)
+                fresh.setdefault(pattern, [glob, 0])
+            filters.append((prefix, glob, pattern))
+        for pattern, item in fresh.items():
+            held = self.globs.setdefault(pattern, item)
+            if held is item:
+                self.glob_pieces += pattern.count("*") + 1
+            held[1] += 1
+        for prefix, glob, pattern in filters:
+            entry = self._by_len.setdefault(len(prefix), {}).setdefault(prefix, {}).setdefault(
+                pattern if glob is not None else "", [glob, {}])
+            entry[1][peer] = None
         self._lengths = sorted(self._by_len)
         self._cache.clear()
+        return [(prefix, glob) for prefix, glob, _pattern in filters]
 
-    def remove(self, peer: Any, filters: list) -> None:
-        for prefix, _glob in filters:
-            table = self._by_len.get(len(prefix), {})
-            entries = [item for item in table.get(prefix, ()) if item[0] is not peer]
-            if entries:
-                table[prefix] = entries
-            else:
-                table.pop(prefix, None)
+    def remove(self, peer: Any, patterns: list) -> None:
+        for pattern in dict.fromkeys(patterns):
+            prefix = _glob_start(pattern)
+            key = pattern if prefix != pattern else ""
+            by_prefix = self._by_len.get(len(prefix), {})
+            table = by_prefix.get(prefix, {})
+            entry = table.get(key)
+            if entry is None or peer not in entry[1]:
+                continue
+            del entry[1][peer]
+            if not entry[1]:
+                del table[key]
                 if not table:
-                    self._by_len.pop(len(prefix), None)
+                    del by_prefix[prefix]
+                    if not by_prefix:
+                        del self._by_len[len(prefix)]
+            if key:
+                held = self.globs[pattern]
+                held[1] -= 1
+                if not held[1]:
+                    del self.globs[pattern]
+                    self.glob_pieces -= pattern.count("*") + 1
         self._lengths = sorted(self._by_len)
         self._cache.clear()
 
@@ -841,14 +887,17 @@ class _TagIndex:
         hit = self._cache.get(tag)
         if hit is not None:
             return hit
-        found = {}                             # (a dict: ordered, and no linear search)
+        found = {}                             # (a dict: ordered, no duplicates)
         by_len = self._by_len
+        long_tag = len(tag) > _GLOB_TAG_CHARS
         for length in self._lengths:
             if length > len(tag):
                 break
-            for peer, glob in by_len[length].get(tag[:length], ()):
-                if peer not in found and (glob is None or glob.match(tag)):
-                    found[peer] = None
+            table = by_len[length].get(tag[:length])
+            if table:
+                for glob, peers in table.values():
+                    if glob is None or long_tag or glob.match(tag):
+                        found.update(peers)
         hit = tuple(found)
         if len(tag) <= _CACHED_TAG_CHARS:      # bounded: 4096 short tags at most
             if len(self._cache) >= 4096:
@@ -1310,7 +1359,8 @@ class _Block:
     """Bytes queued for listeners: events (a sequence mark and their frames, shared by
     every listener that gets them all) or one control frame (``count == 0``)."""
 
-    __slots__ = ("bufs", "size", "cost", "count", "first", "last", "refs", "msg", "runs")
+    __slots__ = ("bufs", "size", "cost", "count", "first", "last", "refs", "msg", "runs",
+                 "in_ring")
 
     def __init__(self, bufs: tuple, size: int, count: int = 0, first: int = 0,
                  last: int = 0, msg: Any = None):
@@ -1324,6 +1374,7 @@ class _Block:
         self.refs = 0              # queues and the ring that hold it
         self.msg = msg             # a control block's message, when it may change
         self.runs = None           # _event_runs() of it, once a filtered replay needs them
+        self.in_ring = False       # the ring holds it (dropping it from a queue frees nothing)
 
 
 _BYE_FRAME = _encode_control({"ctl": "bye"})
@@ -1370,7 +1421,8 @@ class _Wanted:
         tags = self.tags
         prefixes = self.prefixes
         for tag in {run[1] for run in runs}.difference(tags):
-            tags[tag] = tag.startswith(prefixes)
+            tags[tag] = tag.startswith(prefixes) and (len(tag) > _GLOB_TAG_CHARS
+                                                      or _filters_match(filters, tag))
         return [run for run in runs if tags[run[1]]]
 
 
@@ -1454,6 +1506,7 @@ class _Ring:
         """Keep *blk*; let go of the oldest blocks past the bounds (``release`` each)."""
         self.blocks.append(blk)
         blk.refs += 1
+        blk.in_ring = True
         self.events += blk.count
         self.bytes += blk.cost
         self.shrink(release)
@@ -1464,6 +1517,7 @@ class _Ring:
         blocks = self.blocks
         while (self.events > max_events or self.bytes > max_bytes) and len(blocks) > 1:
             old = blocks.popleft()
+            old.in_ring = False
             self.events -= old.count
             self.bytes -= old.cost
             release(old)
@@ -1711,15 +1765,17 @@ class _Listeners:
                         or sum(map(len, tags)) > _MAX_TAG_FILTER_CHARS):
                     raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
                                      f"strings of {_MAX_TAG_FILTER_CHARS} characters in all")
-                filters = _broker_filters(tags)
+                patterns = list(dict.fromkeys(tags))
             else:
-                filters = None
+                patterns = None
         except ValueError as exc:
             self._refuse(peer, f"bad subscription: {exc}")
             return
-        if filters is not None:
-            cost = sum(len(prefix) + _FILTER_COST for prefix, _glob in filters)
+        filters = None
+        if patterns is not None:
+            cost = sum(len(pattern) + _FILTER_COST for pattern in patterns)
             mine = self._filter_pids.get(peer.pid, 0)
+            pieces = self._index.new_pieces(patterns)
             if (self._filter_held + cost > _FILTER_BUDGET
                     or mine + cost > _FILTER_BUDGET // _FILTER_SHARES):
                 self._refuse(peer, f"listeners' tag filters hold {self._filter_held} bytes "
@@ -1727,6 +1783,18 @@ class _Listeners:
                                    f"would pass the bound ({_FILTER_BUDGET}, a quarter of "
                                    f"it per process)")
                 return
+            if self._index.glob_pieces + pieces > _GLOB_PIECES:
+                self._refuse(peer, f"listeners' different globs have "
+                                   f"{self._index.glob_pieces} pieces between their '*'; "
+                                   f"this listener's {pieces} new ones would pass the bound "
+                                   f"({_GLOB_PIECES}, what matching one tag may cost)")
+                return
+            try:
+                filters = self._index.add(peer, patterns)
+            except ValueError as exc:          # a glob that cannot compile
+                self._refuse(peer, f"bad subscription: {exc}")
+                return
+            peer.filters = patterns
             peer.filter_cost = cost
             self._filter_held += cost
             self._filter_pids[peer.pid] = mine + cost
@@ -1758,11 +1826,8 @@ class _Listeners:
             wanted = _Wanted(filters)
             self._replay(peer, wanted, self._since_last(wanted, last), "ring", False)
         peer.listener = True
-        peer.filters = filters
         if filters is None:
             self._plain[peer] = None
-        else:
-            self._index.add(peer, filters)
         self._dirty.add(peer)
         if self._ev_held > self._ev_cap:       # a replay may have copied much of the ring
             self._shed()
@@ -1925,6 +1990,8 @@ class _Outbox:
             if not blk.count:
                 index += 1
                 continue
+            if blk.in_ring and reason == "memory":
+                break                          # the ring keeps it (and all after it)
             if at is None:
                 at = index
                 first = blk.first
@@ -1971,15 +2038,18 @@ class _Outbox:
                         peer.dropped)
 
     def _shed(self) -> None:
-        """All listeners together hold too much: trim the ones furthest behind."""
-        while self._ev_held > self._ev_cap:
-            victim = max(self._listeners(), key=lambda p: p.out_bytes, default=None)
-            if victim is None or not victim.out_bytes:
+        """All listeners together hold too much: trim the ones furthest behind, of what
+        only queues hold (dropping what the ring keeps would free nothing)."""
+        spared: set = set()
+        while self._ev_held > self._ev_cap and len(spared) < 64:
+            victim = max((p for p in self._listeners() if p.out_bytes and p not in spared),
+                         key=lambda p: p.out_bytes, default=None)
+            if victim is None:
                 return
-            before = victim.out_bytes
-            self._trim(victim, before // 2, "memory")
-            if victim.out_bytes == before:
-                return
+            before = self._ev_held
+            self._trim(victim, victim.out_bytes // 2, "memory")
+            if self._ev_held >= before:        # nothing freed: another holds the rest
+                spared.add(victim)
 
     def _listeners(self) -> list:
         return [peer for peer in self._peers if peer.listener]
@@ -2317,7 +2387,8 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._in_held = 0                      # bytes of unfinished frames, all peers
         self._ctl_held = 0                     # bytes of control replies queued, all peers
         self._ev_held = 0                      # bytes of event blocks queued or in the ring
-        self._ev_cap = _TOTAL_BACKLOG_FACTOR * self.backlog
+        self._ev_cap = max(_TOTAL_BACKLOG_FACTOR * self.backlog,   # and room for the
+                           self._ring.max_bytes + self.backlog)     # ring and a backlog
         self._accept_paused_until = 0.0
         self._next_check = time.monotonic() + _PATH_CHECK_INTERVAL
         self._warned: dict = {}                # warning key -> monotonic time of the last
@@ -2361,6 +2432,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                          first, last)
             ring.blocks.append(blk)
             blk.refs += 1
+            blk.in_ring = True
             ring.events += blk.count
             ring.bytes += blk.cost
             self._ev_held += blk.cost
@@ -2617,11 +2689,10 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             return
         peer.alive = False
         del self._peers[peer]
-        if peer.listener:
-            if peer.filters is None:
-                self._plain.pop(peer, None)
-            else:
-                self._index.remove(peer, peer.filters)
+        if peer.filters is not None:
+            self._index.remove(peer, peer.filters)
+        elif peer.listener:
+            self._plain.pop(peer, None)
         if peer.deferred:
             waiting = self._deferred.get(peer.pid, {})
             waiting.pop(peer, None)
@@ -2681,20 +2752,6 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
                 "backlog": peer.backlog, "tags": None if peer.filters is None else len(
                     peer.filters)} for peer in shown],
         }
-
-
-def _broker_filters(tags: list) -> list | None:
-    """What the broker filters on for a listener that declared *tags*: the literal start
-    of each (a glob is matched in full by the listener itself, so a pattern cannot make
-    the broker's work per event grow), ``(prefix, None)`` each; None if one of them
-    starts with a wildcard (the broker sends everything)."""
-    prefixes = set()
-    for pattern in tags:
-        prefix = _glob_start(pattern)
-        if not prefix:
-            return None
-        prefixes.add(prefix)
-    return [(prefix, None) for prefix in sorted(prefixes)]
 
 
 def _filters_match(filters: list, tag: str) -> bool:
@@ -5526,7 +5583,7 @@ def _stats_lines(stats: dict) -> list:
     for item in stats["per_listener"]:
         lines.append(f"listener    pid {item['pid']}: {item['events_out']} events out, "
                      f"{item['dropped']} dropped, {item['queued_bytes']} bytes queued")
-    return lines
+    return [_one_line(line) for line in lines]
 
 
 def _seconds(text: str) -> float:
