@@ -817,7 +817,7 @@ class _TagIndex:
     __slots__ = ("_by_len", "_lengths", "_cache", "globs", "glob_pieces")
 
     def __init__(self):
-        self._by_len: dict = {}        # length -> {prefix: {pattern: [glob, {peer: None}]}}
+        self._by_len: dict = {}        # length -> {prefix: {pattern: [glob, (peer, ...)]}}
         self._lengths: list = []
         self._cache: dict = {}
         self.globs: dict = {}          # pattern -> [glob, listeners that declared it]
@@ -849,10 +849,10 @@ class _TagIndex:
             if held is item:
                 self.glob_pieces += pattern.count("*") + 1
             held[1] += 1
-        for prefix, glob, pattern in filters:
+        for prefix, glob, pattern in filters:     # (tuples: a listener's entry is small)
             entry = self._by_len.setdefault(len(prefix), {}).setdefault(prefix, {}).setdefault(
-                pattern if glob is not None else "", [glob, {}])
-            entry[1][peer] = None
+                pattern if glob is not None else "", [glob, ()])
+            entry[1] += (peer,)
         self._lengths = sorted(self._by_len)
         self._cache.clear()
         return [(prefix, glob) for prefix, glob, _pattern in filters]
@@ -866,7 +866,7 @@ class _TagIndex:
             entry = table.get(key)
             if entry is None or peer not in entry[1]:
                 continue
-            del entry[1][peer]
+            entry[1] = tuple(other for other in entry[1] if other is not peer)
             if not entry[1]:
                 del table[key]
                 if not table:
@@ -897,7 +897,7 @@ class _TagIndex:
             if table:
                 for glob, peers in table.values():
                     if glob is None or long_tag or glob.match(tag):
-                        found.update(peers)
+                        found.update(dict.fromkeys(peers))
         hit = tuple(found)
         if len(tag) <= _CACHED_TAG_CHARS:      # bounded: 4096 short tags at most
             if len(self._cache) >= 4096:
