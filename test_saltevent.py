@@ -2661,59 +2661,33 @@ class MuteBroker:
         os.close(self.lock_fd)
 
 
-CHATTY_BROKER = """
-import fcntl, os, socket, struct, sys, threading, time
-sock_dir = sys.argv[1]
-lock_fd = os.open(os.path.join(sock_dir, "saltevent-master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-fcntl.flock(lock_fd, fcntl.LOCK_EX)
-sock = socket.socket(socket.AF_UNIX)
-sock.bind(os.path.join(sock_dir, "saltevent-master.sock"))
-sock.listen(8)
-hello = b'{"ctl":"hello","pid":%d,"epoch":"x"}' % os.getpid()
-hello = struct.pack("!BBHI", 0x43, 0, 0, len(hello)) + hello
-blob = (struct.pack("!BBHI", 0x45, 0, 1, 2) + b"t{}") * 5000
-end = time.monotonic() + 20
-def flood(conn):
-    try:
-        conn.sendall(hello)
-        while time.monotonic() < end:
-            conn.sendall(blob)
-    except OSError:
-        pass
-print("ready", flush=True)
-sock.settimeout(0.5)
-while time.monotonic() < end:
-    try:
-        conn, _ = sock.accept()
-    except OSError:
-        continue
-    threading.Thread(target=flood, args=(conn,), daemon=True).start()
-"""
-
-
-ODD_BROKER = """
+FAKE_BROKER = """
 import fcntl, json, os, socket, struct, sys, threading, time
-sock_dir, replies = sys.argv[1], json.loads(sys.argv[2])
+sock_dir, replies, flood = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "flood"
 lock_fd = os.open(os.path.join(sock_dir, "saltevent-master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(lock_fd, fcntl.LOCK_EX)
 sock = socket.socket(socket.AF_UNIX)
 sock.bind(os.path.join(sock_dir, "saltevent-master.sock"))
 sock.listen(8)
-def frame(text):
-    body = text.encode()
-    return struct.pack("!BBHI", 0x43, 0, 0, len(body)) + body
+end = time.monotonic() + 20
+def frame(kind, tag, body):
+    return struct.pack("!BBHI", kind, 0, len(tag), len(body)) + tag + body
 def serve(conn):
     try:
-        conn.sendall(frame(json.dumps({"ctl": "hello", "pid": os.getpid(), "epoch": "x"})))
+        hello = json.dumps({"ctl": "hello", "pid": os.getpid(), "epoch": "x"}).encode()
+        conn.sendall(frame(0x43, b"", hello))
+        if flood:                               # events without end
+            blob = frame(0x45, b"t", b"{}") * 5000
+            while time.monotonic() < end:
+                conn.sendall(blob)
         if conn.recv(65536):
-            conn.sendall(b"".join(frame(text) for text in replies))
+            conn.sendall(b"".join(frame(0x43, b"", text.encode()) for text in replies))
         conn.settimeout(20)
         while conn.recv(65536):
             pass
     except OSError:
         pass
 print("ready", flush=True)
-end = time.monotonic() + 20
 sock.settimeout(0.5)
 while time.monotonic() < end:
     try:
@@ -2725,17 +2699,30 @@ while time.monotonic() < end:
 
 
 @contextlib.contextmanager
-def odd_broker(sock_dir, *replies):
-    """A process of ours poses as the broker and answers a client's first frame with
-    control frames of *replies* (JSON texts, sent as they are)."""
-    proc = subprocess.Popen([sys.executable, "-c", ODD_BROKER, sock_dir, json.dumps(replies)],
-                            stdout=subprocess.PIPE, text=True)
+def fake_broker(sock_dir, *replies, flood=False):
+    """A process of ours poses as the broker: it greets each client, then sends it
+    events without end (*flood*), or answers its first frame with control frames of
+    *replies* (JSON texts, sent as they are)."""
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_BROKER, sock_dir, json.dumps(replies),
+                             "flood" if flood else "answer"], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield proc
     finally:
         proc.kill()
         proc.wait(TIMEOUT)
+
+
+def test_a_peer_that_never_stops_sending_cannot_hold_a_fire_past_its_timeout(sock_dir):
+    """A process of ours poses as the broker, greets, then sends events without end (no
+    broker sends events to a firer): every fire still keeps its timeout."""
+    with fake_broker(sock_dir, flood=True):
+        with MasterEvent(sock_dir, listen=False) as ev:
+            for i in range(5):
+                t0 = time.monotonic()
+                ev.fire_event({"i": i}, "t", timeout=100)
+                assert time.monotonic() - t0 < 0.6, f"fire {i} was held"
+                time.sleep(0.03)                 # past the firer's check for a hand-off
 
 
 @pytest.mark.parametrize("stats", [{}, {"bus": 1, "ring": [], "per_listener": []},
@@ -2749,7 +2736,7 @@ def odd_broker(sock_dir, *replies):
                                     "bytes_in": 1, "bytes_out": 1, "dropped": 1,
                                     "ring": {}, "held": {}, "per_listener": [{}]}])
 def test_cli_stats_of_an_odd_broker_says_so_in_one_line(sock_dir, stats):
-    with odd_broker(sock_dir, json.dumps({"ctl": "stats", "stats": stats})):
+    with fake_broker(sock_dir, json.dumps({"ctl": "stats", "stats": stats})):
         rc, out, err = cli_run("stats", sock_dir=sock_dir)
     if rc == 0:                                  # it could be read: one line per row
         assert not any(line.startswith("listener    pid") for line in out.splitlines()), out
@@ -2761,7 +2748,7 @@ def test_cli_stats_of_an_odd_broker_says_so_in_one_line(sock_dir, stats):
 
 def test_a_listener_answered_garbage_after_ok_raises_the_documented_error(sock_dir):
     ok = json.dumps({"ctl": "ok", "seq": 0, "epoch": "e"})
-    with odd_broker(sock_dir, ok, '{"ctl":"drop","n":' + "9" * 60000 + "}"):
+    with fake_broker(sock_dir, ok, '{"ctl":"drop","n":' + "9" * 60000 + "}"):
         with pytest.raises(BusClosedError):
             MasterEvent(sock_dir, raise_errors=True)
 
@@ -2770,30 +2757,12 @@ def test_cli_listen_prints_an_odd_gap_notice_on_one_line(sock_dir):
     ok = json.dumps({"ctl": "ok", "seq": 0, "epoch": "e"})
     gap = json.dumps({"ctl": "gap", "n": 3, "first": 1, "last": 3, "epoch": "e",
                       "reason": "crash\nsaltevent: missed 0 events (forged)"})
-    with odd_broker(sock_dir, ok, gap):
+    with fake_broker(sock_dir, ok, gap):
         proc = cli("listen", "--count", "1", sock_dir=sock_dir)
         time.sleep(1.0)
         proc.kill()
         _rc, _out, err = reap(proc)
     assert len([line for line in err.splitlines() if "missed" in line]) == 1, err
-
-
-def test_a_peer_that_never_stops_sending_cannot_hold_a_fire_past_its_timeout(sock_dir):
-    """A process of ours poses as the broker, greets, then sends events without end (no
-    broker sends events to a firer): every fire still keeps its timeout."""
-    chatty = subprocess.Popen([sys.executable, "-c", CHATTY_BROKER, sock_dir],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert chatty.stdout.readline().strip() == "ready"
-        with MasterEvent(sock_dir, listen=False) as ev:
-            for i in range(5):
-                t0 = time.monotonic()
-                ev.fire_event({"i": i}, "t", timeout=100)
-                assert time.monotonic() - t0 < 0.6, f"fire {i} was held"
-                time.sleep(0.03)                 # past the firer's check for a hand-off
-    finally:
-        chatty.kill()
-        chatty.wait(TIMEOUT)
 
 
 def test_destroy_from_another_thread_wakes_a_fire_blocked_for_ever(sock_dir):
