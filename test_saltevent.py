@@ -118,6 +118,18 @@ def lock_path(sock_dir, name="master"):
     return os.path.join(sock_dir, f"saltevent-{name}.lock")
 
 
+def stop_process(proc, sig, timeout=TIMEOUT):
+    """Send *sig* to *proc* and wait up to *timeout*; kill it if it has not stopped.
+    Return ``(exit code, stopped in time)``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout), True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(TIMEOUT), False
+
+
 def join(thread, timeout=TIMEOUT):
     thread.join(timeout)
     assert not thread.is_alive(), f"thread {thread.name} did not finish within {timeout} s"
@@ -5632,14 +5644,7 @@ class SaltPublisherProcess:
         if proc is None:
             return None
         try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-            try:
-                rc = proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait(TIMEOUT)
-            return rc
+            return stop_process(proc, signal.SIGINT)[0]
         finally:
             proc.stdout.close()
             self.err.close()
@@ -5707,13 +5712,8 @@ class BridgeProc:
         if proc is None:
             return None, ""
         try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(TIMEOUT)
+            rc, in_time = stop_process(proc, signal.SIGTERM, timeout)
+            if not in_time:
                 raise AssertionError(f"the bridge did not stop on SIGTERM: {self.stderr()}")
             return rc, self.stderr()
         finally:
