@@ -1161,9 +1161,19 @@ class _Election(tuple):
         """Release what the election took (a broker could not start): the socket, its
         path if still ours, and the lock, so that another process can be elected."""
         self.sock.close()
-        if _ident(path) == self.ident:
+        try:
+            _unlink_if(path, self.ident)
+        finally:
+            os.close(self.lock_fd)
+
+
+def _unlink_if(path: str, ident: Any) -> None:
+    """Remove *path* if it still is the file *ident* names (it may vanish meanwhile)."""
+    if ident is not None and _ident(path) == ident:
+        try:
             os.unlink(path)
-        os.close(self.lock_fd)
+        except OSError:
+            pass
 
 
 def _ident(path: str) -> tuple | None:
@@ -1226,21 +1236,25 @@ def _load_state(bus: _Bus) -> dict | None:
         fd = _open_private(bus.state_path, os.O_RDONLY, "hand-off state file")
     except FileNotFoundError:
         return None
-    except BusClosedError as exc:
+    except (BusClosedError, OSError) as exc:   # OSError: out of fds, say
         log.warning("ignoring the hand-off state: %s", exc)
         return None
     try:
-        size = os.fstat(fd).st_size
         limit = (_TOTAL_BACKLOG_FACTOR + 1) * DEFAULT_BACKLOG_BYTES + DEFAULT_RING_BYTES
-        if size > limit:
-            raise FrameError(f"{size} bytes is more than a state file can hold")
         chunks = []
-        while True:
+        size = 0
+        while size <= limit:                   # (it may grow while it is read)
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 break
             chunks.append(chunk)
-        os.unlink(bus.state_path)
+            size += len(chunk)
+        if size > limit:
+            raise FrameError(f"more than the {limit} bytes a state file can hold")
+        try:
+            os.unlink(bus.state_path)
+        except FileNotFoundError:
+            pass
         return _parse_state(b"".join(chunks))
     except (OSError, FrameError) as exc:
         log.warning("ignoring the hand-off state %s: %s", bus.state_path, exc)
@@ -1457,7 +1471,7 @@ class _Peer:
         self.reader = _FrameReader()
         self.alive = True
         self.listener = False
-        self.filters = None          # [(prefix, glob)] a filtered listener declared
+        self.filters = None          # the tag patterns a filtered listener declared
         self.lid = None              # the id a listener resumes under
         self.out = _NO_OUTPUT        # _Blocks to send (a deque while there are any); the
                                      # head may be partly sent
@@ -1690,7 +1704,8 @@ class _Intake:
             elif msg.get("tags") is None or (msg.get("since") is None
                                              and not msg.get("last")):
                 self._subscribe(peer, msg)     # no scan of the ring
-            elif (msg.get("resume") and msg.get("lid") in self._resuming
+            elif (msg.get("resume") and msg.get("lid").__class__ is str
+                  and msg["lid"] in self._resuming
                   or self._scan_allowed()):    # one handed over does not wait its turn
                 self._scanning_subscribe(peer, msg)
             else:
@@ -1829,8 +1844,8 @@ class _Listeners:
         if filters is None:
             self._plain[peer] = None
         self._dirty.add(peer)
-        if self._ev_held > self._ev_cap:       # a replay may have copied much of the ring
-            self._shed()
+        if self._ev_held > self._ev_cap + ring.extra_bytes:   # a replay may have copied
+            self._shed()                                       # much of the ring
         log.debug("listener registered on %s (pid %d)", self.bus.path, peer.pid)
 
     def _refuse(self, peer: _Peer, reason: str) -> None:
@@ -1924,7 +1939,7 @@ class _Listeners:
             if not blk.refs:
                 self._ev_held += blk.cost
             ring.add(blk, self._release)
-        if self._ev_held > self._ev_cap:
+        if self._ev_held > self._ev_cap + self._ring.extra_bytes:
             self._shed()
 
     def _publish_filtered(self, blk: _Block, payload: Any, start: int, tags: list,
@@ -2041,8 +2056,10 @@ class _Outbox:
         """All listeners together hold too much: trim the ones furthest behind, of what
         only queues hold (dropping what the ring keeps would free nothing)."""
         spared: set = set()
-        while self._ev_held > self._ev_cap and len(spared) < 64:
-            victim = max((p for p in self._listeners() if p.out_bytes and p not in spared),
+        cap = self._ev_cap + self._ring.extra_bytes    # (what a predecessor handed over)
+        listeners = self._listeners()
+        while self._ev_held > cap and len(spared) < 64:
+            victim = max((p for p in listeners if p.out_bytes and p not in spared),
                          key=lambda p: p.out_bytes, default=None)
             if victim is None:
                 return
@@ -2214,11 +2231,8 @@ class _Succession:
 
     def _unlink_own_path(self) -> None:
         """Remove the bus's socket path if it still leads to this broker."""
-        if not self._ousted and _ident(self.bus.path) == self._ident:
-            try:
-                os.unlink(self.bus.path)
-            except OSError:
-                pass
+        if not self._ousted:
+            _unlink_if(self.bus.path, self._ident)
 
     def _handoff(self) -> None:
         """Give up the bus without losing an event.  Runs on the broker thread.
@@ -2268,12 +2282,10 @@ class _Succession:
         pending = {peer: time.monotonic() for peer in self._peers}
         while pending and time.monotonic() < deadline:
             for peer in list(pending):
-                while peer.alive:
+                while peer.alive and time.monotonic() < deadline:
                     reader = peer.reader
-                    if reader.need:
-                        extra = reader.need - reader.held
-                        reader.alloc()
-                        self._in_held += extra
+                    if reader.need and not self._allot(peer):
+                        break                  # past the budget: it sends it again next door
                     if not self._read(peer):
                         break
                     pending[peer] = time.monotonic()
@@ -3537,12 +3549,15 @@ class _Listening(_EventBase):
         if event is not None:
             return event
         deadline = None if timeout is None else time.monotonic() + timeout
+        looked = False                         # no_block (timeout 0) still reads once
         while True:
             event = self._take(tag, match)
             if event is not None:
                 return event
-            if deadline is not None and time.monotonic() >= deadline and timeout > 0:
+            if deadline is not None and time.monotonic() >= deadline and (
+                    timeout > 0 or looked):
                 return None
+            looked = True
             try:
                 if not (yield from self._listen_steps(deadline, auto_reconnect, gen)):
                     return None
@@ -5384,7 +5399,7 @@ def _cmd_fire(args: Any, node: str, master: bool) -> int:
 def _one_line(text: str) -> str:
     """*text* as it may be printed on one line of output: JSON-escaped if it holds a
     tab, a newline, an escape sequence or another character that is not printable."""
-    return text if text.isprintable() else json.dumps(text, ensure_ascii=False)[1:-1]
+    return text if text.isprintable() else _json_text(text, False)[1:-1]
 
 
 def _listen_filter(args: Any) -> tuple:

@@ -1288,7 +1288,8 @@ def test_a_bad_body_among_many_costs_its_listener_one_more_pass(sock_dir, listen
 
 
 @pytest.mark.parametrize("sub", [{"backlog": "lots"}, {"since": 2 ** 63}, {"tags": [1]},
-                                 {"tags": ["t"] * 65}])
+                                 {"tags": ["t"] * 65},
+                                 {"tags": ["a"], "since": 1, "resume": True, "lid": [1]}])
 def test_a_subscription_the_broker_refuses_is_answered_with_the_reason(held_bus, sub):
     """A listener must not take a refusal for a hand-off and retry at once, for ever:
     the broker says ``refused``, with why, then closes."""
@@ -1526,7 +1527,8 @@ def test_a_busy_listener_loses_nothing_when_the_broker_leaves_cleanly(sock_dir, 
     assert got["dropped"] == 0 and got["gaps"] == 0
 
 
-def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spawn):
+def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spawn,
+                                                                   request):
     """The hand-off state names every listener (its id, 64 characters at most); with
     over a thousand of them it is larger than any control frame a client may send, and
     the successor still takes it: the waiting listener gets every event, no gap."""
@@ -1534,6 +1536,7 @@ def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spa
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1500:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    request.addfinalizer(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
     hub, slow, firer_proc = spawn(), spawn(), spawn()
     assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True)["broker_here"]
     slow.call(op="open", name="s", sock_dir=sock_dir)
@@ -2677,7 +2680,7 @@ FAKE_BROKER = """
 import fcntl, json, os, socket, struct, sys, threading, time
 sock_dir, replies, flood = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "flood"
 lock_fd = os.open(os.path.join(sock_dir, "saltevent-master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-fcntl.flock(lock_fd, fcntl.LOCK_EX)
+fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)    # (taken: fail, not wait)
 sock = socket.socket(socket.AF_UNIX)
 sock.bind(os.path.join(sock_dir, "saltevent-master.sock"))
 sock.listen(8)
@@ -2723,6 +2726,7 @@ def fake_broker(sock_dir, *replies, flood=False):
     finally:
         proc.kill()
         proc.wait(TIMEOUT)
+        proc.stdout.close()
 
 
 def test_a_peer_that_never_stops_sending_cannot_hold_a_fire_past_its_timeout(sock_dir):
@@ -3649,7 +3653,7 @@ def test_a_flood_of_subscriptions_that_scan_the_ring_leaves_the_bus_to_others(so
                     assert got and got["i"] == i, f"round trip {i} failed"
                 assert time.monotonic() - t0 < 3.0
         finally:
-            out, _ = flood.communicate(timeout=TIMEOUT + 10)
+            _rc, out, _err = reap(flood, TIMEOUT + 10)
         assert int(out) > 100, "the flood did not run"
     finally:
         broker.destroy()
@@ -4288,8 +4292,7 @@ def test_no_client_can_fire_the_bus_notice_of_missed_events(sock_dir, listener, 
         with raw_client(bus_path(sock_dir)) as sock:
             sock.sendall(event_frame("before", {}) + event_frame(saltevent.GAP_TAG, {
                 "first": 1, "last": 10 ** 6, "count": 10 ** 6, "reason": "crash"}))
-            while sock.recv(65536):                  # the hello, then EOF: dropped
-                pass
+            assert closed_by_peer(sock)              # the hello, then EOF: dropped
         assert firer.fire_event({}, "after")
     got = drain(listener, 10, until="after")
     assert [e["tag"] for e in got] == ["before"]
@@ -5677,10 +5680,10 @@ class BridgeProc:
             wait_until(lambda: " INFO saltevent: bridge " in self.stderr()
                        or self.proc.poll() is not None, SALT_START, what="the bridge to start")
             assert self.proc.poll() is None, self.stderr()
+            self.id = re.search(r"INFO saltevent: bridge (\S+): ", self.stderr()).group(1)
         except BaseException:
             self.stop()
             raise
-        self.id = re.search(r"INFO saltevent: bridge (\S+): ", self.stderr()).group(1)
 
     def stderr(self):
         with open(self.err_path, "rb") as err:
