@@ -191,6 +191,11 @@ _SCAN_SHARE = 0.1                      # of the broker's time, at most, for repl
 _SCAN_BURST = 0.05                     # must scan the ring for a listener's tags; and the
                                        # seconds they may take at once (then they wait)
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
+_BUNDLE_EVENTS = 16                    # the broker bundles (see _bundle) a block of this
+_BUNDLE_LISTENERS = 1                  # many events or more, for this many listeners or
+_BUNDLE_MIN_AVG = 64                   # more, when its frames are this big on average
+_BUNDLE_MAX_AVG = 4 << 10              # (bytes): bigger ones go as they came, tinier ones
+                                       # would swell; fewer are batched by the listener
 _BATCH_EVENTS = 256                    # queued events a listener decodes in one call ...
 _BATCH_BYTES = 64 << 10                # ... and their bytes, at most
 _TOTAL_BACKLOG_FACTOR = 4              # all listeners' queues: this many backlogs at most
@@ -276,8 +281,13 @@ _SEQ = struct.Struct("!Q")
 _EVENT = 0x45                          # b"E"
 _CONTROL = 0x43                        # b"C"
 _MARK = 0x53                           # b"S"
+_BUNDLE = 0x42                         # b"B"
+_BUNDLE_HEAD = struct.Struct("!16sII") # a B frame's body begins: nonce, events, tag bytes
 _LBRACE = 0x7B
 _RBRACE = 0x7D
+_RBRACKET = 0x5D
+_COMMA = 0x2C
+_encode_ascii_str = json.encoder.encode_basestring_ascii
 
 
 def _json_default(obj: Any) -> Any:
@@ -356,6 +366,117 @@ def _encode_control(msg: dict) -> bytes:
     """Return the C frame of *msg*."""
     body = _json_encode(msg).encode()
     return _HDR.pack(_CONTROL, 0, 0, len(body)) + body
+
+
+# A bundle (B frame) carries a run of small events from the broker to the listeners that
+# get all of them, so that each listener decodes them with two calls of the C scanner
+# instead of cutting and checking every frame: the broker does that once, for all.  Its
+# body: the ``_BUNDLE_HEAD`` (a nonce, the number of events, the length of the tag list),
+# the tags as one JSON list (the broker writes them: ASCII, escaped), then the events'
+# data as they came, joined by the nonce: ``[D1,"N",D2,"N",...,Dn,"N"]``.  The broker
+# does not parse the data (a firer may have sent anything between the braces), so the
+# nonce does what it does in a listener's batch decode (_decode_batch): it is new for
+# every bundle, made after the data arrived, so no firer could know it; the data counts
+# only if the nonce stands after each body and nowhere else, as many times as there are
+# events.  Else (or for a listener that filters tags itself) the bodies are cut at the
+# nonces, which cannot occur inside them, and decoded one by one as event frames are.
+_bundle_tags: dict = {}                # raw tag -> its JSON text (the broker thread's)
+
+
+def _bundle(payload: Any, count: int, nonce: bytes) -> bytes:
+    """Return the B frame of the *count* event frames *payload*, joined by *nonce*."""
+    tags = []
+    bodies = []
+    cache = _bundle_tags
+    unpack = _HDR.unpack_from
+    size = len(payload)
+    off = 0
+    while off < size:
+        _kind, _flags, taglen, bodylen = unpack(payload, off)
+        start = off + _HDR_SIZE
+        body = start + taglen
+        off = body + bodylen
+        raw = payload[start:body]
+        text = cache.get(raw)
+        if text is None:
+            text = _encode_ascii_str(raw.decode())      # (checked UTF-8 on the way in)
+            if taglen <= _CACHED_TAG_CHARS:
+                if len(cache) >= 1024:
+                    cache.clear()
+                cache[raw] = text
+        tags.append(text)
+        bodies.append(payload[body:off])
+    tag_list = ("[" + ",".join(tags) + "]").encode()
+    sep = b',"' + nonce + b'",'
+    data = b"[" + sep.join(bodies) + sep[:-1] + b"]"
+    head = _BUNDLE_HEAD.pack(nonce, count, len(tag_list))
+    return b"".join((_HDR.pack(_BUNDLE, 0, 0, len(head) + len(tag_list) + len(data)),
+                     head, tag_list, data))
+
+
+def _bundle_parts(data: Any, body: int, end: int) -> tuple:
+    """Return ``(nonce, tags, bodies)`` of the B frame body ``data[body:end]``: the nonce
+    as text, the tags a list of str, the bodies the bytes of the joined data.  Raises
+    FrameError for a malformed bundle (only a broker makes them: a broken one)."""
+    if end - body < _BUNDLE_HEAD.size:
+        raise FrameError("malformed bundle of events", data[body:end])
+    nonce, count, tags_len = _BUNDLE_HEAD.unpack_from(data, body)
+    at = body + _BUNDLE_HEAD.size
+    tags = stop = None
+    if count and nonce.isalnum() and at + tags_len <= end:
+        try:
+            tags, stop = _scan_once(data[at:at + tags_len].decode("ascii"), 0)
+        except (ValueError, StopIteration, RecursionError):
+            pass
+    if (tags.__class__ is not list or stop != tags_len or len(tags) != count
+            or set(map(type, tags)) != {str}):
+        raise FrameError("malformed bundle of events", data[body:body + 60])
+    return nonce.decode(), tags, data[at + tags_len:end]
+
+
+def _bundle_decode(bodies: Any, nonce: str, count: int) -> list | None:
+    """Return the data of a bundle's joined *bodies*, decoded at once; None unless every
+    body is exactly one JSON object (see _bundle)."""
+    try:
+        text = bodies.decode()
+        values, stop = _scan_once(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    if (values.__class__ is list and stop == len(text) and len(values) == 2 * count
+            and values[1::2] == [nonce] * count):
+        datas = values[0::2]
+        if set(map(type, datas)) == {dict}:
+            return datas
+    return None
+
+
+def _bundle_split(bodies: Any, nonce: str, count: int) -> list:
+    """Return a bundle's *count* bodies (bytes), cut at the nonce that follows each."""
+    sep = f',"{nonce}"'.encode()
+    step = len(sep) + 1                        # and the ',' or ']' after it
+    if bodies[:1] != b"[" or not bodies.endswith(sep + b"]"):
+        raise FrameError("malformed bundle of events", bodies[:60])
+    out = []
+    find = bodies.find
+    pos = 1
+    for _ in range(count):
+        stop = find(sep, pos)
+        if stop < 0 or bodies[stop + len(sep)] != (_RBRACKET if len(out) == count - 1
+                                                   else _COMMA):
+            raise FrameError("malformed bundle of events", bodies[pos:pos + 60])
+        out.append(bodies[pos:stop])
+        pos = stop + step
+    if pos != len(bodies):
+        raise FrameError("malformed bundle of events", bodies[pos:pos + 60])
+    return out
+
+
+def _unbundle(frame: bytes) -> bytes:
+    """Return the event frames of the B frame *frame* (for a hand-off state)."""
+    nonce, tags, bodies = _bundle_parts(frame, _HDR_SIZE, len(frame))
+    return b"".join(_HDR.pack(_EVENT, 0, len(raw_tag), len(raw)) + raw_tag + raw
+                    for raw_tag, raw in zip((tag.encode() for tag in tags),
+                                            _bundle_split(bodies, nonce, len(tags))))
 
 
 def _decode_data(body: Any) -> dict:
@@ -460,9 +581,10 @@ class _FrameReader:
         """Check and cut ``data[:size]`` into frames; keep an unfinished one's start.
 
         Without *sink* return the frames.  With one (a client's _Conn) each event goes
-        straight to ``sink.append((tag, body, seq))``, numbered from ``sink.seq``, and
-        every other frame to ``sink.control(kind, data, body, end, seq)``, which returns
-        the number of the last event; nothing is returned then.
+        straight to ``sink.append((tag, body, seq))``, numbered from ``sink.seq``, a
+        bundle's to ``sink.bundle(data, body, end, seq)``, and every other frame to
+        ``sink.control(kind, data, body, end, seq)``; both return the number of the last
+        event.  Nothing is returned then.
         """
         frames = []
         if size is None:
@@ -497,6 +619,20 @@ class _FrameReader:
                     continue
                 if data[body] != _LBRACE or data[end - 1] != _RBRACE:
                     raise FrameError("event data is not a JSON object", data[body:body + 40])
+            elif kind == _BUNDLE:
+                if sink is None:               # the broker reads clients: not theirs
+                    raise FrameError("a bundle of events (only a broker sends them)",
+                                     data[off:off + 16])
+                if taglen or flags or bodylen < _BUNDLE_HEAD.size:
+                    raise FrameError("malformed bundle frame header", data[off:off + 16])
+                if end > size:
+                    if end - off > max_frame:
+                        raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
+                                         f"{max_frame}")
+                    break
+                seq = sink.bundle(data, body, end, seq)
+                off = end
+                continue
             elif kind == _CONTROL or kind == _MARK:
                 if taglen or flags or bodylen > self.max_control or (
                         kind == _MARK and bodylen != _SEQ.size):
@@ -1463,7 +1599,7 @@ class _Peer:
     __slots__ = ("sock", "pid", "reader", "alive", "listener", "filters", "lid", "out",
                  "out_bytes", "head_off", "backlog", "notice", "stats_pending", "ctl_bytes",
                  "mask", "paused", "dropped", "events_in", "events_out", "bytes_in",
-                 "bytes_out", "warn_after", "filter_cost", "deferred")
+                 "bytes_out", "warn_after", "filter_cost", "deferred", "bundles")
 
     def __init__(self, sock: socket.socket, pid: int):
         self.sock = sock
@@ -1488,6 +1624,7 @@ class _Peer:
         self.warn_after = 0.0        # monotonic time before which drops are not logged
         self.filter_cost = 0         # bytes its declared filters hold (see _FILTER_BUDGET)
         self.deferred = False        # its subscription waits for the broker's time
+        self.bundles = False         # a listener that takes B frames
 
 
 class _Ring:
@@ -1815,6 +1952,7 @@ class _Listeners:
             self._filter_pids[peer.pid] = mine + cost
         peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
         peer.lid = lid
+        peer.bundles = msg.get("bundles") is True
         ring = self._ring
         self._queue_control(peer, _control_block({
             "ctl": "ok", "pid": os.getpid(), "epoch": self.epoch, "seq": self.seq,
@@ -1912,6 +2050,14 @@ class _Listeners:
             "ctl": "gap", "reason": reason, "epoch": self.epoch, "first": first,
             "last": last, "n": count}))
 
+    def _nonce(self) -> bytes:
+        """Return a new bundle nonce: 16 hex digits from the OS's random source, which
+        no client can foresee (drawn 64 at a time)."""
+        if not self._nonces:
+            pool = os.urandom(8 * 64).hex().encode()
+            self._nonces = [pool[i:i + 16] for i in range(0, len(pool), 16)]
+        return self._nonces.pop()
+
     def _publish(self, peer: _Peer, data: Any, start: int, end: int, count: int,
                  tags: list | None, ends: list | None) -> None:
         """Number the *count* event frames ``data[start:end]`` and queue them for every
@@ -1929,11 +2075,17 @@ class _Listeners:
         peer.bytes_in += len(payload)
         self.events_in += count
         self.bytes_in += len(payload)
+        live = blk                          # what listeners that take it all get
+        if (count >= _BUNDLE_EVENTS and len(self._plain) >= _BUNDLE_LISTENERS
+                and _BUNDLE_MIN_AVG * count <= len(payload) <= _BUNDLE_MAX_AVG * count):
+            frame = _bundle(payload, count, self._nonce())
+            live = _Block((mark, frame), len(frame) + len(mark), count, first, self.seq)
+            self.bundles += 1
         enqueue = self._enqueue
         for listener in self._plain:
-            enqueue(listener, blk)
+            enqueue(listener, live if listener.bundles else blk)
         if tags is not None:
-            self._publish_filtered(blk, payload, start, tags, ends)
+            self._publish_filtered(blk, live, payload, start, tags, ends)
         ring = self._ring
         if ring.max_events and ring.max_bytes:
             if not blk.refs:
@@ -1942,8 +2094,8 @@ class _Listeners:
         if self._ev_held > self._ev_cap + self._ring.extra_bytes:
             self._shed()
 
-    def _publish_filtered(self, blk: _Block, payload: Any, start: int, tags: list,
-                          ends: list) -> None:
+    def _publish_filtered(self, blk: _Block, live: _Block, payload: Any, start: int,
+                          tags: list, ends: list) -> None:
         match = self._index.match
         wanted: dict = {}
         for index, tag in enumerate(tags):
@@ -1954,7 +2106,7 @@ class _Listeners:
         starts = [start] + ends[:-1]
         for peer, indexes in wanted.items():
             if len(indexes) == len(tags):
-                self._enqueue(peer, blk)
+                self._enqueue(peer, live if peer.bundles else blk)
             else:
                 self._enqueue(peer, _sub_block(payload, [
                     (blk.first + i, tags[i], starts[i] - start, ends[i] - start)
@@ -2321,7 +2473,8 @@ class _Succession:
                 else:
                     for seq, _tag, start, end in _event_runs(blk.bufs[0], blk.first):
                         singles[seq] = blk.bufs[0][start:end]
-        runs = [(blk.first, blk.last, blk.bufs[1])
+        runs = [(blk.first, blk.last,
+                 _unbundle(blk.bufs[1]) if blk.bufs[1][0] == _BUNDLE else blk.bufs[1])
                 for blk in sorted(shared.values(), key=lambda b: b.first)]
         if singles:
             import bisect
@@ -2392,6 +2545,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._paused: collections.deque = collections.deque()
         self._dirty: set = set()
         self._scratch = bytearray(_SCRATCH_BYTES)   # every read lands here first
+        self._nonces: list = []                # bundle nonces not used yet
         self._stopping = threading.Event()
         self._thread = None
         self._error = None
@@ -2409,6 +2563,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._idle_exit = float(idle_exit) if idle_exit else None
         self._idle_since = time.monotonic()
         self.events_in = self.events_out = self.bytes_in = self.bytes_out = 0
+        self.bundles = 0                       # B frames made (see _bundle)
         self._drops = 0
         self._resuming: set = set()            # listener ids the predecessor handed over
         self._handed_drops: dict = {}
@@ -2675,8 +2830,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         leaving = self._stopping.is_set()
         frame = _BYE_FRAME if leaving else self._hello
         self._queue_control(peer, _Block((frame,), len(frame)))
-        self._watch(peer)
-        self._flush(peer)
+        self._flush(peer)                  # (and select it, once, for what is left)
         log.debug("client connected to %s (pid %d)", self.bus.path, pid)
 
     def _pause_accept(self, exc: OSError) -> None:
@@ -2749,6 +2903,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             "clients": len(self._peers), "listeners": len(listeners),
             "filtered_listeners": len(listeners) - len(self._plain),
             "events_in": self.events_in, "events_out": self.events_out,
+            "bundles": self.bundles,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "dropped": self._drops,
             "ring": {"events": ring.events, "bytes": ring.bytes, "first": ring.first,
                      "last": ring.last, "max_events": ring.max_events,
@@ -3047,7 +3202,8 @@ class _Conn:
     sync API and the asyncio face.  Not thread-safe.
     """
 
-    __slots__ = ("sock", "reader", "bye", "eof", "seq", "epoch", "append", "_controls")
+    __slots__ = ("sock", "reader", "bye", "eof", "seq", "epoch", "append", "extend",
+                 "eager", "_controls")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -3056,7 +3212,8 @@ class _Conn:
         self.eof = False          # the broker closed the connection
         self.seq = 0              # number of the last event received
         self.epoch = None
-        self.append = None        # where a read puts events (the caller's queue)
+        self.append = self.extend = None   # where a read puts events (the caller's queue)
+        self.eager = True         # decode bundles as they come (the reader takes all)
         self._controls = []
 
     def recv_into(self, events: Any) -> list:
@@ -3069,6 +3226,7 @@ class _Conn:
         if reader.need:
             reader.alloc()
         self.append = events.append
+        self.extend = events.extend
         self._controls = controls = []
         try:
             reader.read(self.sock, _RECV_BYTES, None, self)
@@ -3079,6 +3237,18 @@ class _Conn:
         if reader.eof:
             self.eof = True
         return controls
+
+    def bundle(self, data: Any, body: int, end: int, seq: int) -> int:
+        """Queue the events of the bundle ``data[body:end]``; return the number of the
+        last.  Decoded at once for a reader that takes every event (``eager``); else, or
+        if a body is not one JSON object, queued as bodies to decode one by one."""
+        nonce, tags, bodies = _bundle_parts(data, body, end)
+        count = len(tags)
+        datas = _bundle_decode(bodies, nonce, count) if self.eager else None
+        if datas is None:
+            datas = _bundle_split(bytes(bodies), nonce, count)
+        self.extend(zip(tags, datas, range(seq + 1, seq + 1 + count)))
+        return seq + count
 
     def control(self, kind: int, data: Any, body: int, end: int, seq: int) -> int:
         """Act on a frame that is not an event; return the number of the last event."""
@@ -3269,7 +3439,7 @@ class _Listening(_EventBase):
         the broker's ``ok`` (it landed in a leaving broker's queue) is retried until
         *deadline*.
         """
-        msg = {"ctl": "sub", "backlog": self._backlog, "lid": self._lid}
+        msg = {"ctl": "sub", "backlog": self._backlog, "lid": self._lid, "bundles": True}
         if self._filters is not None:
             msg["tags"] = self._filters
         if self._resume_from is not None:
@@ -3335,6 +3505,7 @@ class _Listening(_EventBase):
                     slot.conn = yield from self._subscribe_steps(retry_by, gen)
                     log.debug("listener on %s resumed after a hand-off", self._bus.path)
                     continue
+                conn.eager = self._eager
                 try:
                     conn.recv_into(self._events)
                 except BlockingIOError:
@@ -3512,6 +3683,7 @@ class _Listening(_EventBase):
         events = self._events
         pending_tags = self.pending_tags
         every = not tag and match is _match_startswith
+        self._eager = every                    # bundles: decode all at once, or each taken
         declared = self._declared
         while events:
             etag, body, seq = events.popleft()
@@ -4416,6 +4588,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._bad_warn_after = 0.0
         self._resume_from = None               # (seq, epoch) to resume after, if any
         self._streaming = False                # the last read brought events
+        self._eager = True                     # the last get_event took every event
         self._on_gap = None                    # called with each Gap (the CLI prints it)
         self._lid = os.urandom(8).hex()
         self._match_type = self.opts.get("event_match_type") or "startswith"

@@ -724,7 +724,7 @@ def test_exception_messages():
 # the tag, the body.
 
 HDR = struct.Struct("!BBHI")
-E, C, S = 0x45, 0x43, 0x53
+E, C, S, B = 0x45, 0x43, 0x53, 0x42
 
 EVENTS = [
     {"tag": "a", "data": {}},
@@ -1231,36 +1231,140 @@ HOSTILE = [
     (control_frame({"ctl": "sub", "backlog": "lots"}), "bad subscription"),
     (control_frame({"ctl": "sub", "tags": "nope"}), "bad subscription"),
     (HDR.pack(E, 0, 1, saltevent.MAX_FRAME_BYTES), "exceeds the limit"),
+    (wire(B, b"", b"0123456789abcdef" + struct.pack("!II", 1, 5) + b'["t"][{},"0123456789abcdef"]'),
+     "only a broker sends them"),
 ]
 
 
 def test_bodies_that_split_or_join_never_shift_data_onto_another_tag(sock_dir, listener):
-    """A listener decodes queued events in batches.  Bodies the broker relays (framed
-    well, braces at both ends) that are two objects, or that open a string the next one
-    closes, must not move data between events: each surfaces with its own data or is
-    skipped and counted, and the events around them are intact."""
-    hostile = [
-        (b"x/split", b'{"a":1},{"stolen":1}'),             # two objects: one too many ...
-        (b"v/victim", b'{"mine":1}'),
-        (b"x/open", b'{"x":"}'),                           # ... and two that join into one
-        (b"x/close", b'{","y":1}'),
-        (b"v/after", b'{"mine":2}'),
-    ]
+    """A listener decodes queued events in batches, and the broker bundles events that
+    come together.  Bodies the broker relays (framed well, braces at both ends) that are
+    two objects, or that open a string or a bracket the next one closes, must not move
+    data between events: each surfaces with its own data or is skipped and counted, and
+    the events around them are intact."""
+    split = [(b"x/split", b'{"a":1},{"stolen":1}')]        # two objects: one too many ...
+    joined = [(b"x/open", b'{"x":"}'), (b"x/close", b'{","y":1}')]   # ... two that join
+    bracket = [(b"x/bracket", b'{"z":[{"w":1}')]              # one that swallows the rest
+    pad = b',"pad":"%s"}' % (b"p" * 120)          # (big enough for the broker to bundle)
+    swallow = [(b"x/bracket", b'{"z":[{"w":1}'), (b"v/victim", b'{"mine":0' + pad),
+               (b"x/shut", b'{"q":2}]}'), (b"x/three", b'{"a":1},{"b":2},{"c":3}')]
+    victims = [(b"v/victim", b'{"mine":1' + pad), (b"v/after", b'{"mine":2' + pad)]
     rounds = 50                                  # sent at once: decoded in one batch
-    for extra in ([], [(b"x/bracket", b'{"z":[{"w":1}')]):
-        payload = b"".join(wire(E, tag, body) for tag, body in hostile + extra) * rounds
+    bad = 0
+    for hostile in (split + victims + joined, split, joined, bracket, swallow):
+        payload = b"".join(wire(E, tag, body) for tag, body in hostile + victims) * rounds
         with raw_client(bus_path(sock_dir)) as sock:
             sock.sendall(payload + event_frame("v/end", {}))
             got = drain(listener, 10 ** 6, until="v/end")
-        assert [(e["tag"], e["data"]) for e in got] == [
-            ("v/victim", {"mine": 1}), ("v/after", {"mine": 2})] * rounds
-    assert listener.malformed == 7 * rounds
-    good = [wire(E, b"v/n", json.dumps({"i": i}).encode()) for i in range(300)]
+        mine = [(tag.decode(), json.loads(body)) for tag, body in hostile + victims
+                if tag.startswith(b"v/")]
+        assert [(e["tag"], e["data"]) for e in got] == mine * rounds, hostile
+        bad += sum(tag.startswith(b"x/") for tag, _ in hostile) * rounds
+        assert listener.malformed == bad
+    good = [wire(E, b"v/n", json.dumps({"i": i, "pad": "p" * 60}).encode()) for i in range(300)]
     with raw_client(bus_path(sock_dir)) as sock:
         sock.sendall(b"".join(good) + event_frame("v/end", {}))
         got = drain(listener, 10 ** 6, until="v/end")
     assert [e["data"]["i"] for e in got] == list(range(300))
-    assert listener.malformed == 7 * rounds
+    assert listener.malformed == bad
+    assert broker_stats(bus_path(sock_dir))["bundles"] >= 5
+
+
+ODD_TAGS = ["a", 'q"uote', "back\\slash", "tab\there", "nl\nend", "\x00nul", "é/ü", "☃/\U0001f600",
+            "\u2028sep", "t" * 300]
+
+
+def test_bundled_events_reach_every_kind_of_listener_exactly(sock_dir, caplog):
+    """Small events that arrive together reach listeners in one bundle (the broker cuts
+    and joins them once for all): every listener still gets exactly the events it
+    wants, in order, numbered, whatever their tags and data hold; a raw listener that
+    did not ask for bundles gets event frames."""
+    caplog.set_level(logging.WARNING, logger="saltevent")
+    sent = [(ODD_TAGS[i % len(ODD_TAGS)], {"i": i, "text": "héllo ☃ " * (i % 5), "n": [i, None]})
+            for i in range(400)]
+    seq_opts = {"saltevent_seq": True}
+    with MasterEvent(sock_dir, opts=seq_opts) as every, MasterEvent(sock_dir) as narrow, \
+            MasterEvent(sock_dir, opts={"saltevent_tags": ["é/", "a"]}) as declared, \
+            RawConn(bus_path(sock_dir)) as raw:
+        raw.send(control_frame({"ctl": "sub"}))
+        raw.control("ok")
+        with raw_client(bus_path(sock_dir)) as sock:           # one write: whole blocks
+            sock.sendall(b"".join(event_frame(tag, data) for tag, data in sent)
+                         + event_frame("end", {}))
+            got = drain(every, 10 ** 6, until="end")
+            assert [(e["tag"], e["data"]) for e in got] == sent
+            seqs = [e["seq"] for e in got]
+            assert seqs == list(range(seqs[0], seqs[0] + len(sent)))
+            assert narrow.get_event(wait=TIMEOUT, tag="☃/", full=True)["data"]["i"] == 7
+            assert [e["data"]["i"] for e in drain(narrow, 10 ** 6, tag="é/", until="end")] == [
+                i for i, (tag, _) in enumerate(sent) if tag.startswith("é/") and i > 7]
+            assert [(e["tag"], e["data"]) for e in drain(declared, 10 ** 6, until="end")] == [
+                (tag, data) for tag, data in sent if tag.startswith(("é/", "a"))]
+            raw_events = []
+            while len(raw_events) < len(sent):
+                kind, tag, body = raw.frame()
+                assert kind in (E, S)
+                if kind == E:
+                    raw_events.append((tag, json.loads(body)))
+            assert raw_events == sent
+        stats = broker_stats(bus_path(sock_dir))
+        assert stats["bundles"] >= 1 and stats["dropped"] == 0
+        assert every.malformed == narrow.malformed == declared.malformed == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_bundle_is_cut_at_its_nonce_and_survives_bodies_written_against_it():
+    """The bundle as the broker makes it and a listener reads it: the bodies of well
+    formed events come back as they went; bodies that are not one JSON object (two
+    objects, a string or bracket left open for the next one to close, a fake nonce,
+    bytes that are not UTF-8, nesting no scanner takes) spoil the one-call decode, and
+    cutting at the nonce still returns every body, each its own."""
+    good = [(b'{"i":%d}' % i) for i in range(20)]
+    spoilers = [[b'{"a":1},{"b":2}'], [b'{"x":"}', b'{","y":1}'], [b'{"z":[{"w":1}', b'{"q":2}]}'],
+                [b'{"z":[{"w":1}', b'{"q":2}]}', b'{"a":1},{"b":2},{"c":3}'],  # count kept
+                [b'{"f":1},"0123456789abcdef",{"g":2}'], [b'{"\xff":1}'],
+                [b'{"d":' + b"[" * 100000 + b"]" * 100000 + b"}"]]
+    for nonce in (os.urandom(8).hex().encode() for _ in range(3)):   # none a body knows
+        for spoiler in spoilers:
+            bodies = good[:3] + [body for bad in spoiler for body in (bad, good[3])] + good[4:6]
+            tags = ["t%d" % i for i in range(len(bodies))]
+            payload = b"".join(wire(E, tag.encode(), body) for tag, body in zip(tags, bodies))
+            frame = saltevent._bundle(payload, len(bodies), nonce)
+            got_nonce, got_tags, joined = saltevent._bundle_parts(frame, HDR.size, len(frame))
+            assert got_nonce == nonce.decode() and got_tags == tags
+            assert saltevent._bundle_decode(joined, got_nonce, len(tags)) is None, spoiler
+            assert saltevent._bundle_split(joined, got_nonce, len(tags)) == bodies
+            assert saltevent._unbundle(frame) == payload
+        plain = b"".join(wire(E, b"g", body) for body in good)
+        frame = saltevent._bundle(plain, len(good), nonce)
+        _, _, joined = saltevent._bundle_parts(frame, HDR.size, len(frame))
+        assert saltevent._bundle_decode(joined, nonce.decode(), len(good)) == [
+            {"i": i} for i in range(20)]
+        for broken in (frame[:-1], frame[:30], frame.replace(b'["g"', b'["g",1')):
+            with pytest.raises(FrameError):
+                nonce_, tags_, joined_ = saltevent._bundle_parts(broken, HDR.size, len(broken))
+                saltevent._bundle_split(joined_, nonce_, len(tags_))
+
+
+def test_bundled_events_a_listener_has_not_read_survive_a_clean_hand_off(sock_dir, spawn):
+    """Bundles queued for a listener go to the next broker as events and reach it once
+    (the broker keeps no ring here: the bundles are the events' only copy)."""
+    hub, slow = spawn(), spawn()
+    assert hub.call(op="open", name="h", sock_dir=sock_dir, listen=False, pull=True,
+                    opts={"saltevent_ring_events": 0})["broker_here"]
+    slow.call(op="open", name="s", sock_dir=sock_dir)
+    count = 3000
+    with raw_client(bus_path(sock_dir)) as sock:
+        sock.sendall(b"".join(event_frame("busy/x", {"i": i, "pad": "p" * 80})
+                              for i in range(count)))
+        wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= count,
+                   what="the broker to take every event")
+    assert broker_stats(bus_path(sock_dir))["bundles"] >= 1
+    hub.call(op="exit")                         # the listener has read nothing yet
+    assert hub.wait() == 0
+    got = slow.call(op="get", name="s", tag="busy/", n=count, wait=30, fields=["i"], timeout=40)
+    assert got["n"] == count and got["rows"] == [[i] for i in range(count)]
+    assert got["dropped"] == 0 and got["gaps"] == 0
 
 
 def test_a_bad_body_among_many_costs_its_listener_one_more_pass(sock_dir, listener,
