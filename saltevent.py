@@ -8,6 +8,9 @@ bodylen:u32`` (network order), the tag, then the body; ``MAX_FRAME_BYTES`` at mo
 Kind ``E`` is an event: a UTF-8 tag and a UTF-8 JSON object, its data.  Kind ``C`` is
 a control frame, a JSON object ``{"ctl": name, ...}`` of at most 64 KiB.  Kind ``S``
 (broker to listener only) carries a u64, the sequence number of the next event.
+Kind ``B`` (broker to listeners that ask for it in their ``sub``) is a bundle of
+events: ``nonce:16 ASCII, count:u32, tagbytes:u32``, the tags as one JSON list, then
+the events' data as they came, ``[D1,"nonce",D2,"nonce",...]`` (see ``_bundle``).
 Clients send events and the controls ``sub`` and ``stats``; the broker relays
 events byte for byte and alone sends ``hello``, ``ok``, ``drop``, ``gap``, ``bye``,
 ``stats`` and ``refused``, so no client can forge what a listener trusts.
@@ -1155,11 +1158,23 @@ def _ensure_sock_dir(sock_dir: str) -> None:
                                        f"could replace the bus; chmod go-w it{_WAY_OUT}")
 
 
+_CREDS = struct.Struct("3i")           # struct ucred: pid, uid, gid
+
+
+def _peer_creds(sock: socket.socket) -> tuple:
+    """Return ``(pid, uid)`` of the process at the other end of a unix socket; the pid
+    is 0 where the platform does not tell it."""
+    if hasattr(socket, "SO_PEERCRED"):
+        pid, uid, _gid = _CREDS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+        return pid, uid
+    return 0, _peer_uid(sock)
+
+
 def _peer_uid(sock: socket.socket) -> int:
     """Return the uid of the process at the other end of a unix socket."""
     if hasattr(socket, "SO_PEERCRED"):
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)[1]
+        return _peer_creds(sock)[1]
     if hasattr(os, "getpeereid"):  # not in the stdlib today; kept for platforms that add it
         return os.getpeereid(sock.fileno())[0]
     if sys.platform == "darwin" or "bsd" in sys.platform:
@@ -1171,14 +1186,6 @@ def _peer_uid(sock: socket.socket) -> int:
             raise OSError(ctypes.get_errno(), "getpeereid failed")
         return uid.value
     raise OSError(errno.ENOSYS, "cannot tell a unix socket peer's uid on this platform")
-
-
-def _peer_pid(sock: socket.socket) -> int:
-    """Return the peer's pid, or 0 where the platform does not tell it."""
-    if hasattr(socket, "SO_PEERCRED"):
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)[0]
-    return 0
 
 
 def _trusted(uid: int) -> bool:
@@ -1526,6 +1533,21 @@ class _Block:
         self.runs = None           # _event_runs() of it, once a filtered replay needs them
         self.in_ring = False       # the ring holds it (dropping it from a queue frees nothing)
 
+    def frames(self) -> Any:
+        """Return the event frames of an event block made of a mark and its events: its
+        payload, or a bundle's events cut again into frames (the same bytes each time)."""
+        payload = self.bufs[-1]
+        return _unbundle(payload) if payload[0] == _BUNDLE else payload
+
+    def for_peer(self, peer: Any) -> "_Block":
+        """Return this block as *peer* can take it: a bundle as event frames for a
+        listener that did not ask for bundles."""
+        if peer.bundles or self.bufs[-1][0] != _BUNDLE:
+            return self
+        frames = self.frames()
+        return _Block((self.bufs[0], frames), len(self.bufs[0]) + len(frames), self.count,
+                      self.first, self.last)
+
 
 _BYE_FRAME = _encode_control({"ctl": "bye"})
 
@@ -1564,7 +1586,7 @@ class _Wanted:
         """``(seq, tag, start, end)`` of the events of *blk* that are wanted."""
         runs = blk.runs
         if runs is None:
-            runs = blk.runs = _event_runs(blk.bufs[-1], blk.first)
+            runs = blk.runs = _event_runs(blk.frames(), blk.first)
         filters = self.filters
         if filters is None:
             return runs
@@ -2025,16 +2047,16 @@ class _Listeners:
             if blk.first > cursor:
                 self._gap_notice(peer, filters, cursor, blk.first - 1, reason, trusted)
             if cursor <= blk.first and filters is None:
-                self._enqueue(peer, blk)
+                self._enqueue(peer, blk.for_peer(peer))
             else:
                 items = wanted.items(blk)
                 if cursor <= blk.first and len(items) == blk.count:
-                    self._enqueue(peer, blk)   # all of it: shared, not copied
+                    self._enqueue(peer, blk.for_peer(peer))   # all of it: shared
                 else:
                     if items and items[0][0] < cursor:
                         items = [item for item in items if item[0] >= cursor]
                     if items:
-                        self._enqueue(peer, _sub_block(blk.bufs[-1], items))
+                        self._enqueue(peer, _sub_block(blk.frames(), items))
             cursor = blk.last + 1
             if not peer.alive:
                 return
@@ -2087,10 +2109,10 @@ class _Listeners:
         if tags is not None:
             self._publish_filtered(blk, live, payload, start, tags, ends)
         ring = self._ring
-        if ring.max_events and ring.max_bytes:
-            if not blk.refs:
-                self._ev_held += blk.cost
-            ring.add(blk, self._release)
+        if ring.max_events and ring.max_bytes:       # one copy: what most listeners got
+            if not live.refs:
+                self._ev_held += live.cost
+            ring.add(live, self._release)
         if self._ev_held > self._ev_cap + self._ring.extra_bytes:
             self._shed()
 
@@ -2473,8 +2495,7 @@ class _Succession:
                 else:
                     for seq, _tag, start, end in _event_runs(blk.bufs[0], blk.first):
                         singles[seq] = blk.bufs[0][start:end]
-        runs = [(blk.first, blk.last,
-                 _unbundle(blk.bufs[1]) if blk.bufs[1][0] == _BUNDLE else blk.bufs[1])
+        runs = [(blk.first, blk.last, blk.frames())
                 for blk in sorted(shared.values(), key=lambda b: b.first)]
         if singles:
             import bisect
@@ -2804,8 +2825,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
 
     def _admit(self, sock: socket.socket) -> None:
         try:
-            uid = _peer_uid(sock)
-            pid = _peer_pid(sock)
+            pid, uid = _peer_creds(sock)
         except OSError as exc:
             self._warn("creds", "refused a client of %s: %s", self.bus.path, exc)
             sock.close()

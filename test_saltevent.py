@@ -1313,6 +1313,40 @@ def test_bundled_events_reach_every_kind_of_listener_exactly(sock_dir, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_bundled_events_replay_from_the_ring_to_every_kind_of_listener(sock_dir):
+    """The ring keeps one copy of bundled events, as bundles: a replay gets them whole,
+    a filtered replay gets the events its tags want, a listener that takes no bundles
+    gets event frames; each exactly, in order, numbered."""
+    sent = [(ODD_TAGS[i % len(ODD_TAGS)], {"i": i, "text": "é" * (i % 7), "pad": "p" * 50})
+            for i in range(400)]
+    with MasterEvent(sock_dir) as live:
+        with raw_client(bus_path(sock_dir)) as sock:
+            sock.sendall(b"".join(event_frame(tag, data) for tag, data in sent))
+            assert len(drain(live, len(sent))) == len(sent)
+        assert broker_stats(bus_path(sock_dir))["bundles"] >= 1
+        replay = {"saltevent_replay_last": len(sent), "saltevent_seq": True}
+        with MasterEvent(sock_dir, opts=replay) as whole:
+            got = drain(whole, len(sent))
+            assert [(e["tag"], e["data"]) for e in got] == sent
+            assert [e["seq"] for e in got] == list(range(1, len(sent) + 1))
+        with MasterEvent(sock_dir, opts=dict(replay, saltevent_tags=["é/", "☃/"])) as some:
+            wanted = [(tag, data) for tag, data in sent if tag.startswith(("é/", "☃/"))]
+            got = drain(some, len(wanted))
+            assert [(e["tag"], e["data"]) for e in got] == wanted
+            assert [e["seq"] for e in got] == [i + 1 for i, (tag, _) in enumerate(sent)
+                                               if tag.startswith(("é/", "☃/"))]
+        with RawConn(bus_path(sock_dir)) as raw:
+            raw.send(control_frame({"ctl": "sub", "last": len(sent)}))
+            raw.control("ok")
+            frames = []
+            while len(frames) < len(sent):
+                kind, tag, body = raw.frame()
+                assert kind in (E, S)
+                if kind == E:
+                    frames.append((tag, json.loads(body)))
+            assert frames == sent
+
+
 def test_a_bundle_is_cut_at_its_nonce_and_survives_bodies_written_against_it():
     """The bundle as the broker makes it and a listener reads it: the bodies of well
     formed events come back as they went; bodies that are not one JSON object (two
