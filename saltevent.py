@@ -383,14 +383,11 @@ def _encode_control(msg: dict) -> bytes:
 # only if the nonce stands after each body and nowhere else, as many times as there are
 # events.  Else (or for a listener that filters tags itself) the bodies are cut at the
 # nonces, which cannot occur inside them, and decoded one by one as event frames are.
-_bundle_tags: dict = {}                # raw tag -> its JSON text (the broker thread's)
-
-
-def _bundle(payload: Any, count: int, nonce: bytes) -> bytes:
-    """Return the B frame of the *count* event frames *payload*, joined by *nonce*."""
+def _bundle(payload: Any, count: int, nonce: bytes, cache: dict) -> bytes:
+    """Return the B frame of the *count* event frames *payload*, joined by *nonce*;
+    *cache* keeps the JSON text of short tags (raw tag -> text)."""
     tags = []
     bodies = []
-    cache = _bundle_tags
     unpack = _HDR.unpack_from
     size = len(payload)
     off = 0
@@ -2100,7 +2097,7 @@ class _Listeners:
         live = blk                          # what listeners that take it all get
         if (count >= _BUNDLE_EVENTS and len(self._plain) >= _BUNDLE_LISTENERS
                 and _BUNDLE_MIN_AVG * count <= len(payload) <= _BUNDLE_MAX_AVG * count):
-            frame = _bundle(payload, count, self._nonce())
+            frame = _bundle(payload, count, self._nonce(), self._tag_json)
             live = _Block((mark, frame), len(frame) + len(mark), count, first, self.seq)
             self.bundles += 1
         enqueue = self._enqueue
@@ -2567,6 +2564,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         self._dirty: set = set()
         self._scratch = bytearray(_SCRATCH_BYTES)   # every read lands here first
         self._nonces: list = []                # bundle nonces not used yet
+        self._tag_json: dict = {}              # raw tag -> its JSON text, for bundles
         self._stopping = threading.Event()
         self._thread = None
         self._error = None

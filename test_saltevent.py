@@ -1281,7 +1281,7 @@ def test_bundled_events_reach_every_kind_of_listener_exactly(sock_dir, caplog):
     did not ask for bundles gets event frames."""
     caplog.set_level(logging.WARNING, logger="saltevent")
     sent = [(ODD_TAGS[i % len(ODD_TAGS)], {"i": i, "text": "héllo ☃ " * (i % 5), "n": [i, None]})
-            for i in range(400)]
+            for i in range(3000)]                # (bundles of 64 KiB and more among them)
     seq_opts = {"saltevent_seq": True}
     with MasterEvent(sock_dir, opts=seq_opts) as every, MasterEvent(sock_dir) as narrow, \
             MasterEvent(sock_dir, opts={"saltevent_tags": ["é/", "a"]}) as declared, \
@@ -1363,14 +1363,14 @@ def test_a_bundle_is_cut_at_its_nonce_and_survives_bodies_written_against_it():
             bodies = good[:3] + [body for bad in spoiler for body in (bad, good[3])] + good[4:6]
             tags = ["t%d" % i for i in range(len(bodies))]
             payload = b"".join(wire(E, tag.encode(), body) for tag, body in zip(tags, bodies))
-            frame = saltevent._bundle(payload, len(bodies), nonce)
+            frame = saltevent._bundle(payload, len(bodies), nonce, {})
             got_nonce, got_tags, joined = saltevent._bundle_parts(frame, HDR.size, len(frame))
             assert got_nonce == nonce.decode() and got_tags == tags
             assert saltevent._bundle_decode(joined, got_nonce, len(tags)) is None, spoiler
             assert saltevent._bundle_split(joined, got_nonce, len(tags)) == bodies
             assert saltevent._unbundle(frame) == payload
         plain = b"".join(wire(E, b"g", body) for body in good)
-        frame = saltevent._bundle(plain, len(good), nonce)
+        frame = saltevent._bundle(plain, len(good), nonce, {})
         _, _, joined = saltevent._bundle_parts(frame, HDR.size, len(frame))
         assert saltevent._bundle_decode(joined, nonce.decode(), len(good)) == [
             {"i": i} for i in range(20)]
