@@ -4415,6 +4415,7 @@ class _AsyncFace(_EventBase):
         conn = self._pub
         if conn is None or self._attached is None:
             return
+        conn.eager = False                     # the handler gets frames: keep the bodies
         try:
             conn.recv_into(self._events)
         except BlockingIOError:

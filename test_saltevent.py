@@ -3165,6 +3165,29 @@ def test_event_handlers_plain_and_coroutine_get_raw_frames(sock_dir):
     assert [data["i"] for _, data in coro] == list(range(5))
 
 
+def test_an_event_handler_gets_bundled_events_as_the_frames_fired(sock_dir):
+    """Events that reach a listener in a bundle come to its handler as the frames a
+    firer sent, byte for byte (not decoded and encoded again)."""
+    frames = [wire(E, f"h/{i}".encode(),
+                   ('{"i": %d, "text": "héllo ☃", "pad": "%s"}' % (i, "p" * 60)).encode())
+              for i in range(300)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+        with MasterEvent(sock_dir, io_loop=loop) as ev:
+            ev.set_event_handler(seen.append)
+            with raw_client(bus_path(sock_dir)) as sock:
+                sock.sendall(b"".join(frames))
+                deadline = time.monotonic() + TIMEOUT
+                while len(seen) < len(frames) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            return seen, broker_stats(bus_path(sock_dir))
+    seen, stats = run_async(main())
+    assert seen == frames
+    assert stats["bundles"] >= 1
+
+
 def test_a_raising_handler_is_logged_and_later_events_still_come(sock_dir, caplog):
     async def main():
         loop = asyncio.get_running_loop()
