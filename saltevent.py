@@ -2304,6 +2304,8 @@ class _Outbox:
                         peer.stats_pending = None
             if full:
                 break
+        if not out:
+            peer.out = _NO_OUTPUT              # an idle listener holds no deque (760 bytes)
         self._watch(peer)
 
     def _discard_output(self, peer: _Peer) -> None:
