@@ -3366,7 +3366,7 @@ class _EventBase:
 
     def _claim(self, slot: _Slot, deadline: float | None, gen: int) -> None:
         """Wait until *slot* is free and take it; EventTimeout at *deadline*."""
-        with self._cond:
+        with self._lock:
             while slot.busy:
                 if self._gen != gen:
                     raise BusClosedError(self._bus.path, "the event object was destroyed")
@@ -3378,14 +3378,14 @@ class _EventBase:
             slot.busy = True
 
     def _try_claim(self, slot: _Slot) -> bool:
-        with self._cond:
+        with self._lock:
             if slot.busy:
                 return False
             slot.busy = True
             return True
 
     def _unclaim(self, slot: _Slot) -> None:
-        with self._cond:
+        with self._lock:
             slot.busy = False
             conn = None
             if slot.doomed:
@@ -3399,7 +3399,7 @@ class _EventBase:
     def _close_slot(self, slot: _Slot) -> None:
         """Close *slot*'s connection now, or (while a call uses it) wake that call and let
         it close the connection when it returns."""
-        with self._cond:
+        with self._lock:
             conn = slot.conn
             if conn is None:
                 return
@@ -4577,8 +4577,10 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
                  raise_errors: bool = False):
         self._attached = None
         self._gen = 0
-        self._lock = threading.Lock()         # guards the slots' state
-        self._cond = threading.Condition(self._lock)
+        self._lock = threading.Lock()         # guards the slots' state; taken as itself,
+        self._cond = threading.Condition(self._lock)   # never through the Condition,
+        # whose __enter__ is Python: a signal handler that raises (the CLI's SIGTERM and
+        # SIGHUP) could run between its acquire and the with, and leave the lock held
         self._wake = None                     # set by destroy(): ends sleeps in _drive
         self._pub_slot = _Slot()
         self._pull_slot = _Slot()
@@ -4744,7 +4746,7 @@ class SaltEvent(_Listening, _Firing, _AsyncFace):
         self._close_slot(self._pull_slot)
         self.pending_events = []               # as Salt's close_pub(): unread events go
         self._events.clear()
-        with self._cond:
+        with self._lock:
             self._cond.notify_all()
         bus, self._attached = self._attached, None
         if bus is not None:
