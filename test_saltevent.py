@@ -1393,11 +1393,7 @@ def test_bundled_events_a_listener_has_not_read_survive_a_clean_hand_off(sock_di
         wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= count,
                    what="the broker to take every event")
     assert broker_stats(bus_path(sock_dir))["bundles"] >= 1
-    hub.call(op="exit")                         # the listener has read nothing yet
-    assert hub.wait() == 0
-    got = slow.call(op="get", name="s", tag="busy/", n=count, wait=30, fields=["i"], timeout=40)
-    assert got["n"] == count and got["rows"] == [[i] for i in range(count)]
-    assert got["dropped"] == 0 and got["gaps"] == 0
+    leave_and_read_everything(hub, slow, count)
 
 
 def test_a_bad_body_among_many_costs_its_listener_one_more_pass(sock_dir, listener,
@@ -1646,6 +1642,17 @@ def test_listeners_made_during_a_clean_hand_off_get_every_later_event(sock_dir, 
             ev.destroy()
 
 
+def leave_and_read_everything(hub, slow, count):
+    """The broker's process *hub* leaves cleanly while the listener in *slow* has read
+    nothing yet; through the next broker it gets the *count* ``busy/`` events, once, in
+    order, none dropped or missed."""
+    hub.call(op="exit")
+    assert hub.wait() == 0
+    got = slow.call(op="get", name="s", tag="busy/", n=count, wait=30, fields=["i"], timeout=40)
+    assert got["n"] == count and got["rows"] == [[i] for i in range(count)]
+    assert got["dropped"] == 0 and got["gaps"] == 0
+
+
 def test_a_busy_listener_loses_nothing_when_the_broker_leaves_cleanly(sock_dir, spawn):
     """What the leaving broker had not sent yet reaches the listener through the next one."""
     count = 20000
@@ -1657,11 +1664,7 @@ def test_a_busy_listener_loses_nothing_when_the_broker_leaves_cleanly(sock_dir, 
                            timeout=30)["ok"] == count
     wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= count,
                what="the broker to take every event")
-    hub.call(op="exit")                         # the listener has read nothing yet
-    assert hub.wait() == 0
-    got = slow.call(op="get", name="s", tag="busy/", n=count, wait=30, fields=["i"], timeout=40)
-    assert got["n"] == count and got["rows"] == [[i] for i in range(count)]
-    assert got["dropped"] == 0 and got["gaps"] == 0
+    leave_and_read_everything(hub, slow, count)
 
 
 def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spawn,
@@ -3732,6 +3735,21 @@ def test_declared_globs_match_as_fnmatch_does_and_cannot_stall_the_broker(sock_d
         broker.destroy()
 
 
+def listeners_until_refused(sock_dir, reason, most, opts_of):
+    """Make listeners, the i-th with ``opts_of(i)``, until the broker refuses one saying
+    *reason* (within *most*); return those it took, for the caller to destroy."""
+    kept = []
+    try:
+        with pytest.raises(SaltEventError, match=reason):
+            for i in range(most):
+                kept.append(MasterEvent(sock_dir, raise_errors=True, opts=opts_of(i)))
+    except BaseException:
+        for ev in kept:
+            ev.destroy()
+        raise
+    return kept
+
+
 def test_listeners_filters_together_are_bounded_and_past_it_refused_by_name(sock_dir):
     """What declared filters hold in the broker counts against one bound for all
     listeners, a quarter of it for one process: past it a new listener of that process
@@ -3741,12 +3759,9 @@ def test_listeners_filters_together_are_bounded_and_past_it_refused_by_name(sock
     assert sum(map(len, prefixes)) <= 4096                         # limits
     with MasterEvent(sock_dir, listen=False) as firer:
         assert firer.connect_pull(timeout=TIMEOUT)
-        kept = []
+        kept = listeners_until_refused(sock_dir, "tag filters hold", 400,
+                                       lambda _: {"saltevent_tags": prefixes})
         try:
-            with pytest.raises(SaltEventError, match="tag filters hold"):
-                for _ in range(400):
-                    kept.append(MasterEvent(sock_dir, opts={"saltevent_tags": prefixes},
-                                            raise_errors=True))
             assert 10 < len(kept) < 400
             held = broker_stats(bus_path(sock_dir))["held"]
             assert 0 < held["filters"] <= 2 << 20
@@ -3826,12 +3841,9 @@ def test_different_globs_are_bounded_by_what_matching_a_tag_may_cost(sock_dir):
     name, while listeners repeating globs already held cost nothing more."""
     with MasterEvent(sock_dir, listen=False) as firer:
         assert firer.connect_pull(timeout=TIMEOUT)
-        kept = []
+        kept = listeners_until_refused(sock_dir, "different globs", 200, lambda i: {
+            "saltevent_tags": ["*%d" % i + "a*" * 30 + "b"]})
         try:
-            with pytest.raises(SaltEventError, match="different globs"):
-                for i in range(200):
-                    kept.append(MasterEvent(sock_dir, raise_errors=True, opts={
-                        "saltevent_tags": ["*%d" % i + "a*" * 30 + "b"]}))
             assert 10 < len(kept) < 200
             shared = [MasterEvent(sock_dir, raise_errors=True,
                                   opts={"saltevent_tags": ["*0" + "a*" * 30 + "b"]})
