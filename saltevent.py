@@ -191,7 +191,8 @@ _GLOB_PIECES = 1024                    # pieces (between '*') of the different g
 _GLOB_TAG_CHARS = 256                  # a longer tag passes globs on their literal start
                                        # in the broker; the listener matches it in full
 _SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays that
-_SCAN_BURST = 0.05                     # must scan the ring for a listener's tags; and the
+_SCAN_BURST = 0.05                     # must cut ring blocks (for tags; bundles in event
+                                       # frames for a listener that takes none); and the
                                        # seconds they may take at once (then they wait)
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
 _BUNDLE_EVENTS = 16                    # the broker bundles (see _bundle) a block of this
@@ -1857,9 +1858,11 @@ class _Intake:
         if ctl == "sub":
             if peer.deferred:
                 self._drop(peer, "subscribed twice")
-            elif msg.get("tags") is None or (msg.get("since") is None
-                                             and not msg.get("last")):
-                self._subscribe(peer, msg)     # no scan of the ring
+            elif (msg.get("since") is None and not msg.get("last")) or (
+                    msg.get("tags") is None and msg.get("bundles") is True):
+                self._subscribe(peer, msg)     # no replay, or one that shares blocks; a
+                                               # filtered one, or one in event frames
+                                               # (bundles cut), cuts blocks: its share
             elif (msg.get("resume") and msg.get("lid").__class__ is str
                   and msg["lid"] in self._resuming
                   or self._scan_allowed()):    # one handed over does not wait its turn
@@ -1883,7 +1886,8 @@ class _Intake:
             self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
 
     def _scan_allowed(self) -> bool:
-        """True while filtered replays have used less than their share of the broker's
+        """True while replays that cut ring blocks (filtered ones, and ones in event frames
+        of a ring that holds bundles) have used less than their share of the broker's
         time (``_SCAN_SHARE``, with a burst of ``_SCAN_BURST`` s)."""
         now = time.monotonic()
         self._scan_credit = min(_SCAN_BURST,

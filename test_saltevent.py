@@ -3784,8 +3784,7 @@ def test_listeners_filters_together_are_bounded_and_past_it_refused_by_name(sock
 
 REPLAY_FLOOD = """
 import json, socket, struct, sys, time
-path, seconds = sys.argv[1], float(sys.argv[2])
-body = json.dumps({"ctl": "sub", "tags": ["nomatch/"], "last": 10 ** 9}).encode()
+path, seconds, body = sys.argv[1], float(sys.argv[2]), sys.argv[3].encode()
 frame = struct.pack("!BBHI", 0x43, 0, 0, len(body)) + body
 end = time.monotonic() + seconds
 sent = 0
@@ -3803,20 +3802,27 @@ print(sent, flush=True)
 """
 
 
-def test_a_flood_of_subscriptions_that_scan_the_ring_leaves_the_bus_to_others(sock_dir):
-    """A listener that asks for the last N of its tags makes the broker scan the ring;
-    a client that asks that again and again, from new connections, gets the broker's
-    time only in its share: the others' events keep flowing meanwhile."""
+@pytest.mark.parametrize("sub", [{"tags": ["nomatch/"], "last": 10 ** 9},
+                                 {"last": 10 ** 9}])        # (takes no bundles: cut)
+def test_a_flood_of_subscriptions_that_scan_the_ring_leaves_the_bus_to_others(sock_dir,
+                                                                              sub):
+    """A listener that asks for the last N of its tags, or for the last N as event
+    frames when the ring holds bundles, makes the broker cut ring blocks; a client that
+    asks that again and again, from new connections, gets the broker's time only in its
+    share: the others' events keep flowing meanwhile."""
     broker = MasterEvent(sock_dir, listen=False,
                          opts={"saltevent_broker": "process", "saltevent_idle_exit": 0.5})
     try:
         assert broker.connect_pull(timeout=TIMEOUT)
-        with raw_client(bus_path(sock_dir)) as sock:      # a full ring, every tag new
-            sock.sendall(b"".join(wire(E, b"fill/%d" % i, b"{}") for i in range(10_000)))
-        wait_until(lambda: broker_stats(bus_path(sock_dir))["ring"]["events"] >= 10_000,
-                   what="the ring to fill")
+        pad = json.dumps({"pad": "p" * 80}).encode()
+        with MasterEvent(sock_dir) as plain, raw_client(bus_path(sock_dir)) as sock:
+            sock.sendall(b"".join(wire(E, b"fill/%d" % i, pad) for i in range(10_000)))
+            wait_until(lambda: broker_stats(bus_path(sock_dir))["ring"]["events"] >= 10_000,
+                       what="the ring to fill")   # (bundled: a listener takes them all)
+            assert broker_stats(bus_path(sock_dir))["bundles"] >= 1
         flood = subprocess.Popen([sys.executable, "-c", REPLAY_FLOOD, bus_path(sock_dir),
-                                  "4"], stdout=subprocess.PIPE, text=True)
+                                  "4", json.dumps(dict(sub, ctl="sub"))],
+                                 stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(0.5)
             with MasterEvent(sock_dir, opts={"saltevent_tags": ["honest/"]}) as honest, \
