@@ -1264,6 +1264,7 @@ def test_bodies_that_split_or_join_never_shift_data_onto_another_tag(sock_dir, l
     bad = 0
     for hostile in (split + victims + joined, split, joined, bracket, swallow):
         payload = b"".join(wire(E, tag, body) for tag, body in hostile + victims) * rounds
+        bundles = broker_stats(bus_path(sock_dir))["bundles"]
         with raw_client(bus_path(sock_dir)) as sock:
             sock.sendall(payload + event_frame("v/end", {}))
             got = drain(listener, 10 ** 6, until="v/end")
@@ -1272,17 +1273,17 @@ def test_bodies_that_split_or_join_never_shift_data_onto_another_tag(sock_dir, l
         assert [(e["tag"], e["data"]) for e in got] == mine * rounds, hostile
         bad += sum(tag.startswith(b"x/") for tag, _ in hostile) * rounds
         assert listener.malformed == bad
+        assert broker_stats(bus_path(sock_dir))["bundles"] > bundles, hostile
     good = [wire(E, b"v/n", json.dumps({"i": i, "pad": "p" * 60}).encode()) for i in range(300)]
     with raw_client(bus_path(sock_dir)) as sock:
         sock.sendall(b"".join(good) + event_frame("v/end", {}))
         got = drain(listener, 10 ** 6, until="v/end")
     assert [e["data"]["i"] for e in got] == list(range(300))
     assert listener.malformed == bad
-    assert broker_stats(bus_path(sock_dir))["bundles"] >= 5
 
 
-ODD_TAGS = ["a", 'q"uote', "back\\slash", "tab\there", "nl\nend", "\x00nul", "é/ü", "☃/\U0001f600",
-            "\u2028sep", "t" * 300]
+ODD_TAGS = ["a", 'q"uote', "back\\slash", "tab\there", "nl\nend", "\x00nul", "é/ü",
+            "☃/\U0001f600", "\u2028sep", "t" * 300]
 
 
 def test_bundled_events_reach_every_kind_of_listener_exactly(sock_dir, caplog):
@@ -1301,15 +1302,17 @@ def test_bundled_events_reach_every_kind_of_listener_exactly(sock_dir, caplog):
         raw.control("ok")
         with raw_client(bus_path(sock_dir)) as sock:           # one write: whole blocks
             sock.sendall(b"".join(event_frame(tag, data) for tag, data in sent)
-                         + event_frame("end", {}))
-            got = drain(every, 10 ** 6, until="end")
+                         + event_frame("é/end", {}))      # every listener wants it
+            got = drain(every, 10 ** 6, until="é/end")
             assert [(e["tag"], e["data"]) for e in got] == sent
             seqs = [e["seq"] for e in got]
             assert seqs == list(range(seqs[0], seqs[0] + len(sent)))
             assert narrow.get_event(wait=TIMEOUT, tag="☃/", full=True)["data"]["i"] == 7
-            assert [e["data"]["i"] for e in drain(narrow, 10 ** 6, tag="é/", until="end")] == [
+            got = drain(narrow, 10 ** 6, tag="é/", until="é/end")
+            assert [e["data"]["i"] for e in got] == [
                 i for i, (tag, _) in enumerate(sent) if tag.startswith("é/") and i > 7]
-            assert [(e["tag"], e["data"]) for e in drain(declared, 10 ** 6, until="end")] == [
+            got = drain(declared, 10 ** 6, until="é/end")
+            assert [(e["tag"], e["data"]) for e in got] == [
                 (tag, data) for tag, data in sent if tag.startswith(("é/", "a"))]
             assert raw.events(len(sent)) == sent
         stats = broker_stats(bus_path(sock_dir))
@@ -1365,14 +1368,18 @@ def test_a_bundle_is_cut_at_its_nonce_and_survives_bodies_written_against_it():
             frame = saltevent._bundle(payload, len(bodies), nonce, {})
             got_nonce, got_tags, joined = saltevent._bundle_parts(frame, HDR.size, len(frame))
             assert got_nonce == nonce.decode() and got_tags == tags
-            assert saltevent._bundle_decode(joined, got_nonce, len(tags)) is None, spoiler
+            assert saltevent._decode_joined(joined, got_nonce, len(tags)) is None, spoiler
             assert saltevent._bundle_split(joined, got_nonce, len(tags)) == bodies
             assert saltevent._unbundle(frame) == payload
         plain = b"".join(wire(E, b"g", body) for body in good)
         frame = saltevent._bundle(plain, len(good), nonce, {})
         _, _, joined = saltevent._bundle_parts(frame, HDR.size, len(frame))
-        assert saltevent._bundle_decode(joined, nonce.decode(), len(good)) == [
+        assert saltevent._decode_joined(joined, nonce.decode(), len(good)) == [
             {"i": i} for i in range(20)]
+        for tags in (b'["\\ud800"]', b'[""]', b'["%s"]' % (b"a" * 70000)):
+            body = struct.pack("!16sII", nonce, 1, len(tags)) + tags + b'[{},"%s"]' % nonce
+            with pytest.raises(FrameError):             # tags no event frame can carry
+                saltevent._bundle_parts(wire(B, b"", body), HDR.size, HDR.size + len(body))
         for broken in (frame[:-1], frame[:30], frame.replace(b'["g"', b'["g",1')):
             with pytest.raises(FrameError):
                 nonce_, tags_, joined_ = saltevent._bundle_parts(broken, HDR.size, len(broken))
@@ -1393,6 +1400,7 @@ def test_bundled_events_a_listener_has_not_read_survive_a_clean_hand_off(sock_di
         wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= count,
                    what="the broker to take every event")
     assert broker_stats(bus_path(sock_dir))["bundles"] >= 1
+    assert queued_for_listeners(sock_dir) > 0   # bundles still queued at the hand-off
     leave_and_read_everything(hub, slow, count)
 
 
@@ -1642,13 +1650,13 @@ def test_listeners_made_during_a_clean_hand_off_get_every_later_event(sock_dir, 
             ev.destroy()
 
 
-def leave_and_read_everything(hub, slow, count):
+def leave_and_read_everything(hub, slow, count, tag="busy/"):
     """The broker's process *hub* leaves cleanly while the listener in *slow* has read
-    nothing yet; through the next broker it gets the *count* ``busy/`` events, once, in
-    order, none dropped or missed."""
+    nothing yet; through the next broker it gets the *count* events under *tag*, once,
+    in order, none dropped or missed."""
     hub.call(op="exit")
     assert hub.wait() == 0
-    got = slow.call(op="get", name="s", tag="busy/", n=count, wait=30, fields=["i"], timeout=40)
+    got = slow.call(op="get", name="s", tag=tag, n=count, wait=30, fields=["i"], timeout=40)
     assert got["n"] == count and got["rows"] == [[i] for i in range(count)]
     assert got["dropped"] == 0 and got["gaps"] == 0
 
@@ -1693,14 +1701,10 @@ def test_a_clean_hand_off_with_a_thousand_listener_ids_stays_clean(sock_dir, spa
                                data={"pad": "p" * 100_000})["ok"] == 40   # socket holds
         wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= 40,
                    what="the broker to take every event")
-        hub.call(op="exit")                     # the listener has read nothing yet
-        assert hub.wait() == 0
+        leave_and_read_everything(hub, slow, 40, "ids/")
     finally:
         for sock in socks:
             sock.close()
-    got = slow.call(op="get", name="s", tag="ids/", n=40, wait=30, fields=["i"], timeout=40)
-    assert got["n"] == 40 and got["rows"] == [[i] for i in range(40)]
-    assert got["dropped"] == 0 and got["gaps"] == 0
 
 
 @pytest.mark.parametrize("head", [
@@ -1735,11 +1739,7 @@ def test_a_clean_hand_off_goes_around_a_directory_planted_at_its_temporary_file(
                            data={"pad": "p" * 100_000})["ok"] == 40
     wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= 40,
                what="the broker to take every event")
-    hub.call(op="exit")
-    assert hub.wait() == 0
-    got = slow.call(op="get", name="s", tag="tmp/", n=40, wait=30, fields=["i"], timeout=40)
-    assert got["n"] == 40 and got["rows"] == [[i] for i in range(40)]
-    assert got["dropped"] == 0 and got["gaps"] == 0
+    leave_and_read_everything(hub, slow, 40, "tmp/")
 
 
 def test_a_huge_hand_off_state_costs_the_electing_caller_nothing(sock_dir):
@@ -3750,6 +3750,32 @@ def listeners_until_refused(sock_dir, reason, most, opts_of):
     return kept
 
 
+def test_stalled_filtered_listeners_are_shed_to_the_broker_bound(sock_dir):
+    """Listeners that declared tags and never read hold their own copies of the events
+    they want, among blocks the ring keeps: shedding drops those copies too, so all the
+    queues and the ring stay within the broker's bound for events."""
+    opts = {"saltevent_broker_backlog_bytes": 1 << 20, "saltevent_ring_bytes": 4 << 20,
+            "saltevent_ring_events": 100_000}       # the ring keeps all: bound 5 MiB
+    with MasterEvent(sock_dir, listen=False, opts=opts) as host:
+        assert host.connect_pull(timeout=TIMEOUT)
+        stalled = [MasterEvent(sock_dir, opts={"saltevent_tags": ["a/"]}) for _ in range(12)]
+        try:
+            pad = json.dumps({"pad": "p" * 400}).encode()
+            with raw_client(bus_path(sock_dir)) as sock:
+                for _ in range(25):                # a single event (a block the ring
+                    sock.sendall(wire(E, b"a/one", pad))   # keeps), then mixed blocks
+                    sock.sendall(b"".join(wire(E, b"a/x" if i % 2 else b"b/x", pad)
+                                          for i in range(200)))
+            wait_until(lambda: broker_stats(bus_path(sock_dir))["events_in"] >= 25 * 201,
+                       what="the broker to take every event")
+            stats = broker_stats(bus_path(sock_dir))
+            assert stats["limits"]["events"] == 5 << 20 and stats["dropped"] > 0
+            assert stats["held"]["events"] <= stats["limits"]["events"] + (1 << 20)
+        finally:
+            for ev in stalled:
+                ev.destroy()
+
+
 def test_listeners_filters_together_are_bounded_and_past_it_refused_by_name(sock_dir):
     """What declared filters hold in the broker counts against one bound for all
     listeners, a quarter of it for one process: past it a new listener of that process
@@ -3798,6 +3824,8 @@ while time.monotonic() < end:
         pass
     finally:
         sock.close()
+    if sent == 20:
+        print("flooding", flush=True)
 print(sent, flush=True)
 """
 
@@ -3824,7 +3852,8 @@ def test_a_flood_of_subscriptions_that_scan_the_ring_leaves_the_bus_to_others(so
                                   "4", json.dumps(dict(sub, ctl="sub"))],
                                  stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.5)
+            ready, _, _ = select.select([flood.stdout], [], [], TIMEOUT)
+            assert ready and flood.stdout.readline() == "flooding\n"
             with MasterEvent(sock_dir, opts={"saltevent_tags": ["honest/"]}) as honest, \
                     MasterEvent(sock_dir, listen=False) as firer:
                 t0 = time.monotonic()
@@ -3875,7 +3904,8 @@ def test_globs_count_exactly_in_replays_and_drops(sock_dir):
             assert firer.fire_event({"i": i}, "salt/job/%d/ret/m" % i)
             assert firer.fire_event({"i": i}, "salt/job/%d/new" % i)
         with MasterEvent(sock_dir, opts=dict(glob, saltevent_replay_last=5)) as late:
-            got = drain(late, 10, timeout=1.0)
+            assert firer.fire_event({}, "salt/job/mark/ret/x")      # live, after the replay
+            got = drain(late, 10, until="salt/job/mark/ret/x")
         assert [e["tag"] for e in got] == ["salt/job/%d/ret/m" % i for i in range(15, 20)]
         with MasterEvent(sock_dir, opts=dict(glob, saltevent_backlog_bytes=20_000)) as slow:
             for i in range(3000):
@@ -4443,21 +4473,40 @@ def test_fnmatch_match_type_takes_time_linear_in_a_hostile_tag(sock_dir, listene
 
 
 def test_cli_listen_prints_one_line_per_event_whatever_the_tag_holds(held_bus):
-    """A tag with a tab, a newline or an escape sequence cannot forge a line (or, with
-    --seq, a sequence number) of listen's output: such a tag is printed escaped."""
-    listen = start_listen(held_bus, "--count", "2", "--seq")
-    forged = "evil\t{}\n999999\tsalt/auth/forged\x1b[2J"
+    """A tag with a tab, a newline, an escape sequence, a character that some readers
+    take for a line break, or a backslash that would make it look like another tag,
+    cannot forge a line (or, with --seq, a sequence number) of listen's output: such a
+    tag is printed escaped, in ASCII."""
+    forged = ["evil\t{}\n999999\tsalt/auth/forged\x1b[2J", "nel\x85é\u2028x",
+              "looks\\ttabbed"]
+    listen = start_listen(held_bus, "--count", str(len(forged) + 1), "--seq")
     try:
         with MasterEvent(held_bus, listen=False) as firer:
-            assert firer.fire_event({"n": 1}, forged)
-            assert firer.fire_event({"n": 2}, "plain/tag")
+            for n, tag in enumerate(forged):
+                assert firer.fire_event({"n": n}, tag)
+            assert firer.fire_event({"n": 9}, "plain/tag")
     finally:
         rc, out, err = reap(listen)
     assert rc == 0, err
     lines = out.splitlines()
-    assert len(lines) == 2 and [line.count("\t") for line in lines] == [2, 2]
-    assert lines[0].split("\t")[1] == json.dumps(forged)[1:-1]
-    assert lines[1].split("\t")[1] == "plain/tag"
+    assert len(lines) == len(forged) + 1 and {line.count("\t") for line in lines} == {2}
+    assert [line.split("\t")[1] for line in lines] == [
+        json.dumps(tag)[1:-1] for tag in forged] + ["plain/tag"]
+
+
+def test_cli_listen_startswith_takes_glob_characters_as_they_are(held_bus):
+    """With ``--match-type startswith`` a ``?`` or ``[`` in TAGMATCH is a character like
+    any other: the broker is told only the start before it, so nothing that matches is
+    kept from listen."""
+    listen = start_listen(held_bus, "--match-type", "startswith", "--count", "1", "salt/j[b]?")
+    try:
+        with MasterEvent(held_bus, listen=False) as firer:
+            assert firer.fire_event({"n": 1}, "salt/jb/x")          # a glob would match
+            assert firer.fire_event({"n": 2}, "salt/j[b]?/x")
+    finally:
+        rc, out, err = reap(listen)
+    assert rc == 0, err
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["salt/j[b]?/x"]
 
 
 def test_no_client_can_fire_the_bus_notice_of_missed_events(sock_dir, listener, caplog):
