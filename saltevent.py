@@ -379,11 +379,12 @@ def _encode_control(msg: dict) -> bytes:
 # the tags as one JSON list (the broker writes them: ASCII, escaped), then the events'
 # data as they came, joined by the nonce: ``[D1,"N",D2,"N",...,Dn,"N"]``.  The broker
 # does not parse the data (a firer may have sent anything between the braces), so the
-# nonce does what it does in a listener's batch decode (_decode_batch): it is new for
-# every bundle, made after the data arrived, so no firer could know it; the data counts
-# only if the nonce stands after each body and nowhere else, as many times as there are
-# events.  Else (or for a listener that filters tags itself) the bodies are cut at the
-# nonces, which cannot occur inside them, and decoded one by one as event frames are.
+# nonce does what it does in a listener's batch decode (_decode_joined): it is new for
+# every bundle, from the OS's random source, and no client sees it before the bundle
+# goes out (after its data arrived), so no firer could know it; the data counts only if
+# the nonce stands after each body and nowhere else, as many times as there are events.
+# Else (or for a listener that filters tags itself) the bodies are cut at the nonces,
+# which cannot occur inside them, and decoded one by one as event frames are.
 def _bundle(payload: Any, count: int, nonce: bytes, cache: dict) -> bytes:
     """Return the B frame of the *count* event frames *payload*, joined by *nonce*;
     *cache* keeps the JSON text of short tags (raw tag -> text)."""
@@ -408,8 +409,7 @@ def _bundle(payload: Any, count: int, nonce: bytes, cache: dict) -> bytes:
         tags.append(text)
         bodies.append(payload[body:off])
     tag_list = ("[" + ",".join(tags) + "]").encode()
-    sep = b',"' + nonce + b'",'
-    data = b"[" + sep.join(bodies) + sep[:-1] + b"]"
+    data = _join_bodies(bodies, nonce)
     head = _BUNDLE_HEAD.pack(nonce, count, len(tag_list))
     return b"".join((_HDR.pack(_BUNDLE, 0, 0, len(head) + len(tag_list) + len(data)),
                      head, tag_list, data))
@@ -430,16 +430,39 @@ def _bundle_parts(data: Any, body: int, end: int) -> tuple:
         except (ValueError, StopIteration, RecursionError):
             pass
     if (tags.__class__ is not list or stop != tags_len or len(tags) != count
-            or set(map(type, tags)) != {str}):
+            or set(map(type, tags)) != {str} or not _frame_tags(tags)):
         raise FrameError("malformed bundle of events", data[body:body + 60])
     return nonce.decode(), tags, data[at + tags_len:end]
 
 
-def _bundle_decode(bodies: Any, nonce: str, count: int) -> list | None:
-    """Return the data of a bundle's joined *bodies*, decoded at once; None unless every
-    body is exactly one JSON object (see _bundle)."""
+def _frame_tags(tags: list) -> bool:
+    """True if every tag (str) could travel in an event frame: UTF-8 text of 1 to
+    ``MAX_TAG_BYTES`` bytes."""
+    if "" in tags:
+        return False
     try:
-        text = bodies.decode()
+        if max(map(len, tags)) * 4 <= MAX_TAG_BYTES:     # (at most 4 bytes a character)
+            "".join(tags).encode()
+            return True
+        return all(len(tag.encode()) <= MAX_TAG_BYTES for tag in tags)
+    except UnicodeEncodeError:
+        return False
+
+
+def _join_bodies(bodies: list, nonce: bytes) -> bytes:
+    """Return event bodies joined by a *nonce* no sender could know, for one decode:
+    ``[B1,"N",B2,"N",...,Bn,"N"]`` (a listener's batch, a broker's bundle)."""
+    sep = b',"' + nonce + b'",'
+    return b"[" + sep.join(bodies) + sep[:-1] + b"]"
+
+
+def _decode_joined(joined: Any, nonce: str, count: int) -> list | None:
+    """Return the data of *count* bodies joined by _join_bodies, decoded at once; None
+    unless every body was exactly one JSON object: the nonce must stand after each
+    body and nowhere else (a body that is two values, or opens a string or bracket
+    the next one closes, would need the nonce to keep the count)."""
+    try:
+        text = joined.decode()
         values, stop = _scan_once(text, 0)
     except (ValueError, StopIteration, RecursionError):
         return None
@@ -516,16 +539,14 @@ class _FrameReader:
     Raises FrameError for anything that is not a well-formed frame.
     """
 
-    __slots__ = ("buf", "got", "head", "need", "max_frame", "max_control", "eof", "since")
+    __slots__ = ("buf", "got", "head", "need", "max_frame", "eof", "since")
 
-    def __init__(self, max_frame: int = MAX_FRAME_BYTES,
-                 max_control: int = _MAX_CONTROL_BYTES):
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES):
         self.buf = None            # bytearray of a big frame being filled
         self.got = 0               # bytes of it received
         self.head = b""            # the start of a frame not yet in a buffer of its own
         self.need = 0              # size of the buffer that head waits for, if any
         self.max_frame = max_frame
-        self.max_control = max_control
         self.eof = False
         self.since = 0.0           # monotonic time the unfinished frame began
 
@@ -596,63 +617,65 @@ class _FrameReader:
         if sink is not None:
             append, seq = sink.append, sink.seq
             view = data if data.__class__ is bytes else memoryview(data)   # never copy big
-        while size - off >= _HDR_SIZE:
-            kind, flags, taglen, bodylen = unpack(data, off)
-            body = off + _HDR_SIZE + taglen
-            end = body + bodylen
-            if kind == _EVENT:
-                if not taglen or bodylen < 2 or flags:
-                    raise FrameError("malformed event frame header", data[off:off + 16])
-                if end > size:                 # (a whole frame is no bigger than a read)
-                    if end - off > max_frame:
-                        raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
-                                         f"{max_frame}")
-                    break
-                try:
-                    tag = data[off + _HDR_SIZE:body].decode()
-                except UnicodeDecodeError:
-                    raise FrameError("event tag is not valid UTF-8",
-                                     data[off + _HDR_SIZE:body]) from None
-                if sink is not None:           # a client decodes the data itself
-                    seq += 1
-                    append((tag, view[body:end], seq))
+        try:
+            while size - off >= _HDR_SIZE:
+                kind, flags, taglen, bodylen = unpack(data, off)
+                body = off + _HDR_SIZE + taglen
+                end = body + bodylen
+                if kind == _EVENT:
+                    if not taglen or bodylen < 2 or flags:
+                        raise FrameError("malformed event frame header", data[off:off + 16])
+                    if end > size:                 # (a whole frame is no bigger than a read)
+                        if end - off > max_frame:
+                            raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
+                                             f"{max_frame}")
+                        break
+                    try:
+                        tag = data[off + _HDR_SIZE:body].decode()
+                    except UnicodeDecodeError:
+                        raise FrameError("event tag is not valid UTF-8",
+                                         data[off + _HDR_SIZE:body]) from None
+                    if sink is not None:           # a client decodes the data itself
+                        seq += 1
+                        append((tag, view[body:end], seq))
+                        off = end
+                        continue
+                    if data[body] != _LBRACE or data[end - 1] != _RBRACE:
+                        raise FrameError("event data is not a JSON object", data[body:body + 40])
+                elif kind == _BUNDLE:
+                    if sink is None:               # the broker reads clients: not theirs
+                        raise FrameError("a bundle of events (only a broker sends them)",
+                                         data[off:off + 16])
+                    if taglen or flags or bodylen < _BUNDLE_HEAD.size:
+                        raise FrameError("malformed bundle frame header", data[off:off + 16])
+                    if end > size:
+                        if end - off > max_frame:
+                            raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
+                                             f"{max_frame}")
+                        break
+                    seq = sink.bundle(data, body, end, seq)
                     off = end
                     continue
-                if data[body] != _LBRACE or data[end - 1] != _RBRACE:
-                    raise FrameError("event data is not a JSON object", data[body:body + 40])
-            elif kind == _BUNDLE:
-                if sink is None:               # the broker reads clients: not theirs
-                    raise FrameError("a bundle of events (only a broker sends them)",
+                elif kind == _CONTROL or kind == _MARK:
+                    if taglen or flags or bodylen > _MAX_CONTROL_BYTES or (
+                            kind == _MARK and bodylen != _SEQ.size):
+                        raise FrameError("malformed control frame header", data[off:off + 16])
+                    if end > size:
+                        break
+                    if sink is not None:
+                        seq = sink.control(kind, data, body, end, seq)
+                        off = end
+                        continue
+                    tag = None
+                else:
+                    raise FrameError(f"not a saltevent frame (kind byte 0x{kind:02x}; an older "
+                                     "or newer saltevent, or not saltevent at all)",
                                      data[off:off + 16])
-                if taglen or flags or bodylen < _BUNDLE_HEAD.size:
-                    raise FrameError("malformed bundle frame header", data[off:off + 16])
-                if end > size:
-                    if end - off > max_frame:
-                        raise FrameError(f"frame of {end - off} bytes exceeds the limit of "
-                                         f"{max_frame}")
-                    break
-                seq = sink.bundle(data, body, end, seq)
+                frames.append((kind, tag, data, off, body, end))
                 off = end
-                continue
-            elif kind == _CONTROL or kind == _MARK:
-                if taglen or flags or bodylen > self.max_control or (
-                        kind == _MARK and bodylen != _SEQ.size):
-                    raise FrameError("malformed control frame header", data[off:off + 16])
-                if end > size:
-                    break
-                if sink is not None:
-                    seq = sink.control(kind, data, body, end, seq)
-                    off = end
-                    continue
-                tag = None
-            else:
-                raise FrameError(f"not a saltevent frame (kind byte 0x{kind:02x}; an older "
-                                 "or newer saltevent, or not saltevent at all)",
-                                 data[off:off + 16])
-            frames.append((kind, tag, data, off, body, end))
-            off = end
-        if sink is not None:
-            sink.seq = seq
+        finally:
+            if sink is not None:
+                sink.seq = seq             # (events queued before a bad frame count)
         if off == size:
             self.head = b""
             self.need = 0
@@ -1356,8 +1379,7 @@ def _elect(bus: _Bus) -> _Election | None:
     except BaseException:
         if sock is not None:
             sock.close()
-        if bound is not None and _ident(bus.path) == bound:
-            os.unlink(bus.path)
+        _unlink_if(bus.path, bound)
         try:
             os.close(lock_fd)
         except OSError:
@@ -1863,13 +1885,18 @@ class _Intake:
                 self._subscribe(peer, msg)     # no replay, or one that shares blocks; a
                                                # filtered one, or one in event frames
                                                # (bundles cut), cuts blocks: its share
-            elif (msg.get("resume") and msg.get("lid").__class__ is str
-                  and msg["lid"] in self._resuming
+            elif (msg.get("resume") and msg.get("since") is not None
+                  and msg.get("lid").__class__ is str and msg["lid"] in self._resuming
                   or self._scan_allowed()):    # one handed over does not wait its turn
                 self._scanning_subscribe(peer, msg)
             else:
+                try:
+                    fields = _sub_fields(msg)  # (only what was asked waits: checked)
+                except ValueError as exc:
+                    self._refuse(peer, f"bad subscription: {exc}")
+                    return
                 peer.deferred = True
-                self._deferred.setdefault(peer.pid, {})[peer] = msg
+                self._deferred.setdefault(peer.pid, {})[peer] = fields
                 self._next_check = min(self._next_check, time.monotonic() + 0.01)
         elif ctl == "stats":
             if peer.stats_pending is not None:
@@ -1928,24 +1955,12 @@ class _Listeners:
             self._drop(peer, "subscribed twice")
             return
         try:
-            backlog = _opt_int(msg, "backlog")
-            since = _opt_int(msg, "since", minimum=0)
-            last = _opt_int(msg, "last", minimum=0)
-            epoch = _opt_str(msg, "epoch")
-            lid = _opt_str(msg, "lid")
-            tags = msg.get("tags")
-            if tags is not None:
-                if (not isinstance(tags, list) or len(tags) > _MAX_TAG_FILTERS
-                        or not all(isinstance(t, str) for t in tags)
-                        or sum(map(len, tags)) > _MAX_TAG_FILTER_CHARS):
-                    raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
-                                     f"strings of {_MAX_TAG_FILTER_CHARS} characters in all")
-                patterns = list(dict.fromkeys(tags))
-            else:
-                patterns = None
+            msg = _sub_fields(msg)
         except ValueError as exc:
             self._refuse(peer, f"bad subscription: {exc}")
             return
+        backlog, since, last = msg["backlog"], msg["since"], msg["last"]
+        epoch, lid, patterns = msg["epoch"], msg["lid"], msg["tags"]
         filters = None
         if patterns is not None:
             cost = sum(len(pattern) + _FILTER_COST for pattern in patterns)
@@ -1975,12 +1990,12 @@ class _Listeners:
             self._filter_pids[peer.pid] = mine + cost
         peer.backlog = min(backlog, self.backlog) if backlog else self.backlog
         peer.lid = lid
-        peer.bundles = msg.get("bundles") is True
+        peer.bundles = msg["bundles"]
         ring = self._ring
         self._queue_control(peer, _control_block({
             "ctl": "ok", "pid": os.getpid(), "epoch": self.epoch, "seq": self.seq,
             "ring": [ring.first, ring.last]}))
-        resumed = bool(msg.get("resume")) and since is not None
+        resumed = msg["resume"] and since is not None
         handed = resumed and lid in self._resuming
         if handed:
             self._resuming.discard(lid)
@@ -2004,6 +2019,7 @@ class _Listeners:
         peer.listener = True
         if filters is None:
             self._plain[peer] = None
+            self._bundled += peer.bundles
         self._dirty.add(peer)
         if self._ev_held > self._ev_cap + ring.extra_bytes:   # a replay may have copied
             self._shed()                                       # much of the ring
@@ -2099,7 +2115,7 @@ class _Listeners:
         self.events_in += count
         self.bytes_in += len(payload)
         live = blk                          # what listeners that take it all get
-        if (count >= _BUNDLE_EVENTS and len(self._plain) >= _BUNDLE_LISTENERS
+        if (count >= _BUNDLE_EVENTS and self._bundled >= _BUNDLE_LISTENERS
                 and _BUNDLE_MIN_AVG * count <= len(payload) <= _BUNDLE_MAX_AVG * count):
             frame = _bundle(payload, count, self._nonce(), self._tag_json)
             live = _Block((mark, frame), len(frame) + len(mark), count, first, self.seq)
@@ -2169,7 +2185,9 @@ class _Outbox:
 
     def _trim(self, peer: _Peer, limit: int, reason: str) -> None:
         """Drop *peer*'s oldest event blocks until it holds at most *limit* bytes, keeping
-        the one being sent and the newest; a ``drop`` notice takes their place."""
+        the one being sent and the newest; a ``drop`` notice takes the place of each run
+        of them.  Shedding memory keeps the blocks the ring holds (dropping them frees
+        nothing), and goes on past them: a filtered listener's own copies may follow."""
         out = peer.out
         index = 1 if peer.head_off else 0
         lost = 0
@@ -2177,11 +2195,15 @@ class _Outbox:
         at = None
         while peer.out_bytes > limit and index < len(out) - 1:
             blk = out[index]
-            if not blk.count:
+            keep = blk.in_ring and reason == "memory"
+            if not blk.count or keep:
+                if lost and keep:              # a run ends: its notice, then go on
+                    size = len(out)
+                    self._note_drop(peer, lost, first, last, reason, at)
+                    index += len(out) - size
+                    lost, at = 0, None
                 index += 1
                 continue
-            if blk.in_ring and reason == "memory":
-                break                          # the ring keeps it (and all after it)
             if at is None:
                 at = index
                 first = blk.first
@@ -2559,6 +2581,7 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             raise
         self._peers: dict = {}                 # every connection
         self._plain: dict = {}                 # listeners that want every event
+        self._bundled = 0                      # ... of them, those that take bundles
         self._index = _TagIndex()              # listeners that declared tags
         self._filter_held = 0                  # bytes their filters hold, all together
         self._filter_pids: dict = {}           # ... and for each client process
@@ -2793,11 +2816,10 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
             self._resume_paused()          # frames held too long were evicted for them
         if self._ring.grace_until and now >= self._ring.grace_until:
             self._ring.end_grace(self._release)
+            self._resuming.clear()             # later resumes are not the handed-over
+            self._handed_drops.clear()         # ones: they wait their turn, as others
         if self._deferred:
             self._run_deferred()
-        for peer in self._peers:
-            if not peer.out and peer.out is not _NO_OUTPUT:
-                peer.out = _NO_OUTPUT          # an idle peer holds no queue
         if self._peers:
             self._idle_since = now
         elif self._idle_exit is not None and now - self._idle_since >= self._idle_exit:
@@ -2881,8 +2903,9 @@ class Broker(_Intake, _Listeners, _Outbox, _Succession):
         del self._peers[peer]
         if peer.filters is not None:
             self._index.remove(peer, peer.filters)
-        elif peer.listener:
-            self._plain.pop(peer, None)
+        elif peer in self._plain:
+            del self._plain[peer]
+            self._bundled -= peer.bundles
         if peer.deferred:
             waiting = self._deferred.get(peer.pid, {})
             waiting.pop(peer, None)
@@ -2964,6 +2987,23 @@ def _non_negative_int(settings: Mapping, key: str) -> int:
     if value.__class__ is not int or value < 0:
         raise ValueError(f"opts[{key!r}] must be an int >= 0, not {value!r}")
     return value
+
+
+def _sub_fields(msg: Mapping) -> dict:
+    """The fields of a ``sub`` request, checked (ValueError says what is wrong), and
+    nothing else of the client's message; a dict of them passes as a request too."""
+    tags = msg.get("tags")
+    if tags is not None:
+        if (not isinstance(tags, list) or len(tags) > _MAX_TAG_FILTERS
+                or not all(isinstance(t, str) for t in tags)
+                or sum(map(len, tags)) > _MAX_TAG_FILTER_CHARS):
+            raise ValueError(f"tags must be a list of at most {_MAX_TAG_FILTERS} "
+                             f"strings of {_MAX_TAG_FILTER_CHARS} characters in all")
+        tags = list(dict.fromkeys(tags))
+    return {"backlog": _opt_int(msg, "backlog"), "since": _opt_int(msg, "since", minimum=0),
+            "last": _opt_int(msg, "last", minimum=0), "epoch": _opt_str(msg, "epoch"),
+            "lid": _opt_str(msg, "lid"), "tags": tags, "resume": bool(msg.get("resume")),
+            "bundles": msg.get("bundles") is True}
 
 
 def _opt_int(msg: Mapping, key: str, minimum: int = 1) -> int | None:
@@ -3268,7 +3308,7 @@ class _Conn:
         if a body is not one JSON object, queued as bodies to decode one by one."""
         nonce, tags, bodies = _bundle_parts(data, body, end)
         count = len(tags)
-        datas = _bundle_decode(bodies, nonce, count) if self.eager else None
+        datas = _decode_joined(bodies, nonce, count) if self.eager else None
         if datas is None:
             datas = _bundle_split(bytes(bodies), nonce, count)
         self.extend(zip(tags, datas, range(seq + 1, seq + 1 + count)))
@@ -3476,6 +3516,7 @@ class _Listening(_EventBase):
             if self._gen != gen:
                 raise BusClosedError(self._bus.path, "the event object was destroyed")
             conn = _Conn((yield from _connect_steps(self._bus, deadline, self.opts, timeout)))
+            conn.eager = self._eager and self._handler is None   # (a replay may come now)
             try:
                 conn.sock.send(frame)
                 ok = yield from _control_steps(conn, "ok", deadline, self._events,
@@ -3640,19 +3681,8 @@ class _Listening(_EventBase):
         if count < 2:
             return
         nonce = os.urandom(12).hex()
-        sep = f',"{nonce}",'.encode()
-        values = None
-        try:
-            text = (b"[" + sep.join(bodies) + sep[:-1] + b"]").decode()
-            values, end = _scan_once(text, 0)
-        except (ValueError, StopIteration, RecursionError):
-            pass
-        if (values.__class__ is list and end == len(text) and len(values) == 2 * count
-                and values[1::2] == [nonce] * count):
-            datas = values[0::2]
-        else:
-            datas = ()
-        if set(map(type, datas)) != {dict}:    # decode each on its own; a bad body stays
+        datas = _decode_joined(_join_bodies(bodies, nonce.encode()), nonce, count)
+        if datas is None:                      # decode each on its own; a bad body stays
             datas = []                         # raw (not bytes: it is not batched again)
             for raw in bodies:
                 try:
@@ -3716,7 +3746,8 @@ class _Listening(_EventBase):
                 if gap is not None:
                     return gap
                 continue
-            if declared is not None and not _filters_match(declared, etag):
+            if (declared is not None and len(etag) > _GLOB_TAG_CHARS
+                    and not _filters_match(declared, etag)):
                 continue                       # the broker matched the glob's start only
             if every or match(etag, tag):
                 if body.__class__ is dict and not self._seq_keys:     # the fast path
@@ -4443,8 +4474,9 @@ class _AsyncFace(_EventBase):
                 if gap is None:
                     continue
                 raw = _encode_event(gap["tag"], gap["data"])
-            elif self._declared is not None and not _filters_match(self._declared, tag):
-                continue
+            elif (self._declared is not None and len(tag) > _GLOB_TAG_CHARS
+                  and not _filters_match(self._declared, tag)):
+                continue                           # (as in _take)
             else:
                 if body.__class__ is dict:         # decoded ahead by get_event
                     body = _encode_body(body)
@@ -5597,9 +5629,10 @@ def _cmd_fire(args: Any, node: str, master: bool) -> int:
 
 
 def _one_line(text: str) -> str:
-    """*text* as it may be printed on one line of output: JSON-escaped if it holds a
-    tab, a newline, an escape sequence or another character that is not printable."""
-    return text if text.isprintable() else _json_text(text, False)[1:-1]
+    """*text* as it may be printed on one line of output: JSON-escaped, in ASCII, if it
+    holds a tab, a newline, an escape sequence or another character that is not
+    printable (some break lines), or a backslash (then an escape stands for itself)."""
+    return text if text.isprintable() and "\\" not in text else json.dumps(text)[1:-1]
 
 
 def _listen_filter(args: Any) -> tuple:
@@ -5607,7 +5640,7 @@ def _listen_filter(args: Any) -> tuple:
     prefix the broker may filter on (None: everything)."""
     if args.match_type:
         match, pattern = _get_matcher(args.match_type), args.tagmatch or ""
-        prefix = pattern if args.match_type == "startswith" else ""
+        prefix = _glob_start(pattern) if args.match_type == "startswith" else ""
         return (lambda tag: match(tag, pattern)), (prefix or None)
     pattern = args.tagmatch or "*"
     import re
