@@ -3238,8 +3238,12 @@ def _connect_steps(bus: _Bus, deadline: float | None, opts: Mapping | None = Non
 def _control_steps(conn: "_Conn", ctl: str, deadline: float | None, events: Any,
                    path: str, timeout: float | None = None) -> Iterator:
     """Wait for the control frame *ctl* on *conn*; return it, or None if the
-    connection ends or the broker says bye first.  Events read meanwhile go to
-    *events*.  Raises EventTimeout at *deadline*."""
+    connection ends or the broker says bye first.  Events read with it (a replay
+    after ``ok``) go to *events*.  Raises EventTimeout at *deadline*, and FrameError
+    if events come first: no broker sends any before it answers, so the peer is not
+    ours, and what it sent is not queued (else a peer that streams events could grow
+    the queue for as long as the wait lasts)."""
+    queued = len(events)
     while not (conn.eof or conn.bye):
         remaining = _remaining(deadline)
         if remaining is not None and remaining <= 0:
@@ -3255,6 +3259,11 @@ def _control_steps(conn: "_Conn", ctl: str, deadline: float | None, events: Any,
                 return msg
             if msg["ctl"] == "refused":
                 raise BusClosedError(path, f"the broker refused: {msg.get('reason')}")
+        if len(events) > queued:
+            for _ in range(len(events) - queued):
+                events.pop()
+            raise FrameError(f"the peer at {path} sent events before its {ctl!r}: no broker "
+                             "of ours does")
     return None
 
 

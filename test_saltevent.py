@@ -2881,6 +2881,39 @@ def test_a_peer_that_never_stops_sending_cannot_hold_a_fire_past_its_timeout(soc
                 time.sleep(0.03)                 # past the firer's check for a hand-off
 
 
+GROWING_LISTENER = """
+import resource, sys, time
+import saltevent
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ev = saltevent.MasterEvent(sys.argv[1], listen=False)   # get_event connects, and retries
+got = 0
+until = time.monotonic() + 3
+while time.monotonic() < until:
+    got += ev.get_event(wait=0.5) is not None
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start
+print(got, grew // 1024, flush=True)
+"""
+
+
+def test_a_peer_that_sends_events_before_ok_cannot_grow_a_listener(sock_dir):
+    """A process of ours poses as the broker and sends events without end where the
+    listener waits for its ``ok``: the listener refuses it at once, queues none of it,
+    and its memory stays put while it keeps trying (it grew by 1.6 GB in the 5 s a
+    subscription may wait)."""
+    with fake_broker(sock_dir, flood=True):
+        t0 = time.monotonic()
+        with pytest.raises(BusClosedError, match="events before its 'ok'"):
+            MasterEvent(sock_dir, raise_errors=True)
+        assert time.monotonic() - t0 < TIMEOUT / 2, "it waited for the timeout"
+        child = subprocess.run([sys.executable, "-c", GROWING_LISTENER, sock_dir],
+                               capture_output=True, text=True, timeout=TIMEOUT * 4,
+                               cwd=HERE)
+    assert child.returncode == 0, child.stderr[-2000:]
+    got, grew_mb = map(int, child.stdout.split())
+    assert got == 0, "the listener returned the peer's events"
+    assert grew_mb < 64, f"the listener grew by {grew_mb} MB"
+
+
 @pytest.mark.parametrize("stats", [{}, {"bus": 1, "ring": [], "per_listener": []},
                                    {"bus": "/x\nlistener    pid 666: forged\x1b[31m", "pid": 1,
                                     "uptime": 1, "clients": 1, "listeners": 1,
