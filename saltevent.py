@@ -3241,9 +3241,10 @@ def _control_steps(conn: "_Conn", ctl: str, deadline: float | None, events: Any,
     connection ends or the broker says bye first.  Events read with it (a replay
     after ``ok``) go to *events*.  Raises EventTimeout at *deadline*, and FrameError
     if events come first: no broker sends any before it answers, so the peer is not
-    ours, and what it sent is not queued (else a peer that streams events could grow
-    the queue for as long as the wait lasts)."""
-    queued = len(events)
+    ours.  What a read brings is held apart until the answer comes: on every way out
+    without it, none of the peer's events reach *events* (nor could a peer that
+    streams them grow anything for as long as the wait lasts)."""
+    got = collections.deque()
     while not (conn.eof or conn.bye):
         remaining = _remaining(deadline)
         if remaining is not None and remaining <= 0:
@@ -3251,17 +3252,16 @@ def _control_steps(conn: "_Conn", ctl: str, deadline: float | None, events: Any,
         if not (yield (conn.sock, False, remaining)):
             continue
         try:
-            controls = conn.recv_into(events)
+            controls = conn.recv_into(got)
         except BlockingIOError:
             continue
         for msg in controls:
             if msg["ctl"] == ctl:
+                events.extend(got)
                 return msg
             if msg["ctl"] == "refused":
                 raise BusClosedError(path, f"the broker refused: {msg.get('reason')}")
-        if len(events) > queued:
-            for _ in range(len(events) - queued):
-                events.pop()
+        if got:
             raise FrameError(f"the peer at {path} sent events before its {ctl!r}: no broker "
                              "of ours does")
     return None

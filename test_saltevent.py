@@ -2819,6 +2819,7 @@ class MuteBroker:
 FAKE_BROKER = """
 import fcntl, json, os, socket, struct, sys, threading, time
 sock_dir, replies, flood = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "flood"
+ahead = int(sys.argv[4])                        # events sent before the replies
 lock_fd = os.open(os.path.join(sock_dir, "saltevent-master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)    # (taken: fail, not wait)
 sock = socket.socket(socket.AF_UNIX)
@@ -2836,7 +2837,8 @@ def serve(conn):
             while time.monotonic() < end:
                 conn.sendall(blob)
         if conn.recv(65536):
-            conn.sendall(b"".join(frame(0x43, b"", text.encode()) for text in replies))
+            conn.sendall(frame(0x45, b"forged", b"{}") * ahead
+                         + b"".join(frame(0x43, b"", text.encode()) for text in replies))
         conn.settimeout(20)
         while conn.recv(65536):
             pass
@@ -2854,12 +2856,13 @@ while time.monotonic() < end:
 
 
 @contextlib.contextmanager
-def fake_broker(sock_dir, *replies, flood=False):
+def fake_broker(sock_dir, *replies, flood=False, ahead=0):
     """A process of ours poses as the broker: it greets each client, then sends it
     events without end (*flood*), or answers its first frame with control frames of
-    *replies* (JSON texts, sent as they are)."""
+    *replies* (JSON texts, sent as they are), after *ahead* events tagged ``forged``."""
     proc = subprocess.Popen([sys.executable, "-c", FAKE_BROKER, sock_dir, json.dumps(replies),
-                             "flood" if flood else "answer"], stdout=subprocess.PIPE, text=True)
+                             "flood" if flood else "answer", str(ahead)],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield proc
@@ -2912,6 +2915,18 @@ def test_a_peer_that_sends_events_before_ok_cannot_grow_a_listener(sock_dir):
     got, grew_mb = map(int, child.stdout.split())
     assert got == 0, "the listener returned the peer's events"
     assert grew_mb < 64, f"the listener grew by {grew_mb} MB"
+
+
+@pytest.mark.parametrize("answer", [json.dumps({"ctl": "refused", "reason": "no"}),
+                                    '{"ctl": 1}'])
+def test_events_a_peer_sends_with_a_refusal_or_a_bad_frame_never_reach_the_caller(
+        sock_dir, answer):
+    """The peer answers a listener's subscription with events, then a refusal or a
+    malformed frame, in one write: get_event returns none of its events."""
+    with fake_broker(sock_dir, answer, ahead=100):
+        with MasterEvent(sock_dir, listen=False) as ev:
+            got = [ev.get_event(wait=0.2) for _ in range(3)]
+    assert got == [None] * 3
 
 
 @pytest.mark.parametrize("stats", [{}, {"bus": 1, "ring": [], "per_listener": []},
