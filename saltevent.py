@@ -190,10 +190,10 @@ _GLOB_PIECES = 1024                    # pieces (between '*') of the different g
                                        # listeners declared: what matching a tag may cost
 _GLOB_TAG_CHARS = 256                  # a longer tag passes globs on their literal start
                                        # in the broker; the listener matches it in full
-_SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays that
-_SCAN_BURST = 0.05                     # must cut ring blocks (for tags; bundles in event
-                                       # frames for a listener that takes none); and the
-                                       # seconds they may take at once (then they wait)
+_SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays (which
+_SCAN_BURST = 0.05                     # may cut ring blocks: for tags, bundles into event
+                                       # frames, a start inside a block); and the seconds
+                                       # they may take at once (then they wait)
 _CACHED_TAG_CHARS = 256                # longer tags are not kept in the tag caches
 _BUNDLE_EVENTS = 16                    # the broker bundles (see _bundle) a block of this
 _BUNDLE_LISTENERS = 1                  # many events or more, for this many listeners or
@@ -1880,11 +1880,10 @@ class _Intake:
         if ctl == "sub":
             if peer.deferred:
                 self._drop(peer, "subscribed twice")
-            elif (msg.get("since") is None and not msg.get("last")) or (
-                    msg.get("tags") is None and msg.get("bundles") is True):
-                self._subscribe(peer, msg)     # no replay, or one that shares blocks; a
-                                               # filtered one, or one in event frames
-                                               # (bundles cut), cuts blocks: its share
+            elif msg.get("since") is None and not msg.get("last"):
+                self._subscribe(peer, msg)     # no replay; any replay may cut blocks (a
+                                               # filter, event frames of bundles, a start
+                                               # inside a block): it takes its share
             elif (msg.get("resume") and msg.get("since") is not None
                   and msg.get("lid").__class__ is str and msg["lid"] in self._resuming
                   or self._scan_allowed()):    # one handed over does not wait its turn
@@ -1913,9 +1912,9 @@ class _Intake:
             self._drop(peer, f"sent a control frame clients may not send: {ctl[:40]!r}")
 
     def _scan_allowed(self) -> bool:
-        """True while replays that cut ring blocks (filtered ones, and ones in event frames
-        of a ring that holds bundles) have used less than their share of the broker's
-        time (``_SCAN_SHARE``, with a burst of ``_SCAN_BURST`` s)."""
+        """True while replays (which may cut ring blocks: for a filter, into event frames
+        of a bundle, from inside a block) have used less than their share of the
+        broker's time (``_SCAN_SHARE``, with a burst of ``_SCAN_BURST`` s)."""
         now = time.monotonic()
         self._scan_credit = min(_SCAN_BURST,
                                 self._scan_credit + (now - self._scan_at) * _SCAN_SHARE)

@@ -3879,7 +3879,8 @@ print(sent, flush=True)
 
 
 @pytest.mark.parametrize("sub", [{"tags": ["nomatch/"], "last": 10 ** 9},
-                                 {"last": 10 ** 9}])        # (takes no bundles: cut)
+                                 {"last": 10 ** 9},         # (takes no bundles: cut)
+                                 {"last": 9999, "bundles": True}])   # (from inside a block)
 def test_a_flood_of_subscriptions_that_scan_the_ring_leaves_the_bus_to_others(sock_dir,
                                                                               sub):
     """A listener that asks for the last N of its tags, or for the last N as event
