@@ -1577,6 +1577,11 @@ def _control_block(msg: dict) -> _Block:
     return _Block((frame,), len(frame), msg=msg)
 
 
+def _is_drop(blk: _Block | None) -> bool:
+    """True if *blk* is a queued ``drop`` notice (which later drops may grow)."""
+    return blk is not None and blk.msg is not None and blk.msg["ctl"] == "drop"
+
+
 def _event_runs(payload: Any, first: int) -> list:
     """Return ``(seq, tag, start, end)`` of each event frame in *payload*, numbering them
     from *first* and following the sequence marks among them."""
@@ -1639,7 +1644,7 @@ class _Peer:
     """One connection as the broker sees it.  Used on the broker thread only."""
 
     __slots__ = ("sock", "pid", "reader", "alive", "listener", "filters", "lid", "out",
-                 "out_bytes", "head_off", "backlog", "notice", "stats_pending", "ctl_bytes",
+                 "out_bytes", "head_off", "backlog", "stats_pending", "ctl_bytes",
                  "mask", "paused", "dropped", "events_in", "events_out", "bytes_in",
                  "bytes_out", "warn_after", "filter_cost", "deferred", "bundles")
 
@@ -1656,7 +1661,6 @@ class _Peer:
         self.out_bytes = 0           # bytes of event blocks queued
         self.head_off = 0            # bytes of out[0] already sent
         self.backlog = DEFAULT_BACKLOG_BYTES
-        self.notice = None           # the drop notice still queued, if any
         self.stats_pending = None    # the stats reply still queued, if any
         self.ctl_bytes = 0           # bytes of control frames queued
         self.mask = 0                # selector events registered
@@ -2189,18 +2193,26 @@ class _Outbox:
         nothing), and goes on past them: a filtered listener's own copies may follow."""
         out = peer.out
         index = 1 if peer.head_off else 0
-        lost = 0
+        lost = folded = 0
         first = last = 0
         at = None
         while peer.out_bytes > limit and index < len(out) - 1:
             blk = out[index]
             keep = blk.in_ring and reason == "memory"
+            if lost and _is_drop(blk):         # an older notice inside the run: one notice
+                del out[index]
+                peer.ctl_bytes -= blk.size
+                self._ctl_held -= blk.size
+                folded += blk.msg["n"]
+                last = max(last, blk.msg["last"])
+                continue
             if not blk.count or keep:
                 if lost and keep:              # a run ends: its notice, then go on
                     size = len(out)
-                    self._note_drop(peer, lost, first, last, reason, at)
+                    self._note_drop(peer, lost, first, last, reason, at, folded)
                     index += len(out) - size
-                    lost, at = 0, None
+                    lost = folded = 0
+                    at = None
                 index += 1
                 continue
             if at is None:
@@ -2212,20 +2224,21 @@ class _Outbox:
             lost += blk.count
             last = blk.last
         if lost:
-            self._note_drop(peer, lost, first, last, reason, at)
+            self._note_drop(peer, lost, first, last, reason, at, folded)
 
     def _note_drop(self, peer: _Peer, lost: int, first: int, last: int, reason: str,
-                   at: int | None = None) -> None:
-        """Put (or grow) the ``drop`` notice where *peer*'s lost events were."""
+                   at: int | None = None, folded: int = 0) -> None:
+        """Put (or grow) the ``drop`` notice where *peer*'s lost events were; *folded*
+        events more are those of older notices this one takes the place of."""
         peer.dropped += lost
         self._drops += lost
         if peer.out is _NO_OUTPUT:
             peer.out = collections.deque()
         out = peer.out
         at = len(out) if at is None else at
-        notice = peer.notice
-        if (notice is not None and at > 0 and out[at - 1] is notice
-                and not (at == 1 and peer.head_off)):
+        lost += folded
+        notice = out[at - 1] if at > 0 else None
+        if _is_drop(notice) and not (at == 1 and peer.head_off):
             old = notice.msg
             merged = {"ctl": "drop", "n": old["n"] + lost, "first": old["first"],
                       "last": max(last, old["last"]), "reason": reason}
@@ -2240,7 +2253,6 @@ class _Outbox:
             out.insert(at, notice)
             peer.ctl_bytes += notice.size
             self._ctl_held += notice.size
-            peer.notice = notice
         now = time.monotonic()
         if now >= peer.warn_after:         # at most one warning a second per listener
             peer.warn_after = now + 1.0
@@ -2323,9 +2335,7 @@ class _Outbox:
                 else:
                     peer.ctl_bytes -= blk.size
                     self._ctl_held -= blk.size
-                    if blk is peer.notice:
-                        peer.notice = None
-                    elif blk is peer.stats_pending:
+                    if blk is peer.stats_pending:
                         peer.stats_pending = None
             if full:
                 break
@@ -2342,7 +2352,7 @@ class _Outbox:
                 self._ctl_held -= blk.size
         peer.out = _NO_OUTPUT
         peer.out_bytes = peer.ctl_bytes = peer.head_off = 0
-        peer.notice = peer.stats_pending = None
+        peer.stats_pending = None
 
     def _watch(self, peer: _Peer) -> None:
         """Select *peer* for reading unless paused, and for writing while it has output."""
@@ -2512,8 +2522,11 @@ class _Succession:
                 lids.append(peer.lid)
             for blk in peer.out:
                 if not blk.count:
-                    if blk is peer.notice and peer.lid:
-                        drops[peer.lid] = [blk.msg["first"], blk.msg["last"], blk.msg["n"]]
+                    if _is_drop(blk) and peer.lid:     # (one sum of them all)
+                        held = drops.get(peer.lid)
+                        drops[peer.lid] = [blk.msg["first"], blk.msg["last"], blk.msg["n"]] \
+                            if held is None else [held[0], blk.msg["last"],
+                                                  held[2] + blk.msg["n"]]
                 elif len(blk.bufs) == 2:
                     shared[id(blk)] = blk
                 else:
