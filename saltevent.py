@@ -1970,7 +1970,8 @@ class _Listeners:
             mine = self._filter_pids.get(peer.pid, 0)
             pieces = self._index.new_pieces(patterns)
             if (self._filter_held + cost > _FILTER_BUDGET
-                    or mine + cost > _FILTER_BUDGET // _FILTER_SHARES):
+                    or peer.pid and mine + cost > _FILTER_BUDGET // _FILTER_SHARES):
+                # (pid 0: the platform does not tell it, so no process has a share)
                 self._refuse(peer, f"listeners' tag filters hold {self._filter_held} bytes "
                                    f"({mine} for pid {peer.pid}); this listener's {cost} "
                                    f"would pass the bound ({_FILTER_BUDGET}, a quarter of "
@@ -2482,7 +2483,10 @@ class _Succession:
                 self._flush(peer)
         log.debug("broker of %s handed off (%d clients)", self.bus.path, len(self._peers))
         for peer in list(self._peers):
-            self._drop(peer, "")
+            held = peer.reader.held
+            self._drop(peer, f"left a frame unfinished at the hand-off ({held} bytes held; a "
+                             "firer still sending it sends it again to the next broker)"
+                       if held else "")
 
     def _drain_input(self) -> None:
         """Take in what clients sent before the ``bye``.  Runs on the broker thread."""
@@ -2493,7 +2497,7 @@ class _Succession:
                 while peer.alive and time.monotonic() < deadline:
                     reader = peer.reader
                     if reader.need and not self._allot(peer):
-                        break                  # past the budget: it sends it again next door
+                        break                  # past the budget: left (and said) at the end
                     if not self._read(peer):
                         break
                     pending[peer] = time.monotonic()
