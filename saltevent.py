@@ -187,7 +187,8 @@ _FILTER_COST = 128                     # bytes one declared filter holds in the 
 _FILTER_BUDGET = 8 << 20               # bytes all listeners' filters may hold, together,
 _FILTER_SHARES = 4                     # and the part of it one client process may use
 _GLOB_PIECES = 1024                    # pieces (between '*') of the different globs all
-                                       # listeners declared: what matching a tag may cost
+                                       # listeners declared, one with '?' or '[...]' a
+                                       # piece per character: what matching a tag may cost
 _GLOB_TAG_CHARS = 256                  # a longer tag passes globs on their literal start
                                        # in the broker; the listener matches it in full
 _SCAN_SHARE = 0.1                      # of the broker's time, at most, for replays (which
@@ -852,11 +853,7 @@ class _Glob:
     __slots__ = ("head", "middle", "tail", "tail_len")
 
     def __init__(self, pattern: str):
-        if "[" in pattern:
-            texts, lengths = _glob_pieces(pattern)
-        else:
-            texts = pattern.split("*")
-            lengths = [len(text) for text in texts]
+        texts, lengths = _glob_pieces(pattern)
         pieces = [_glob_piece(text) if "?" in text or "[" in text else text
                   for text in texts]
         self.head = pieces[0]
@@ -902,6 +899,9 @@ class _Glob:
 def _glob_pieces(pattern: str) -> tuple:
     """Cut *pattern* at each ``*`` outside ``[...]``: the pieces and their lengths in
     characters of a tag."""
+    if "[" not in pattern:
+        pieces = pattern.split("*")
+        return pieces, [len(piece) for piece in pieces]
     pieces, lengths = [], []
     start = length = index = 0
     while index < len(pattern):
@@ -925,6 +925,14 @@ def _glob_pieces(pattern: str) -> tuple:
     pieces.append(pattern[start:])
     lengths.append(length)
     return pieces, lengths
+
+
+def _glob_cost(pattern: str) -> int:
+    """What matching *pattern* against a tag may cost, in pieces: a piece between ``*``
+    found with str methods counts one; one with ``?`` or ``[...]``, a regex tried at
+    each place of the tag, as many as the characters of tag it matches."""
+    return sum(max(1, length) if "?" in text or "[" in text else 1
+               for text, length in zip(*_glob_pieces(pattern)))
 
 
 _glob_piece_cache: dict = {}
@@ -971,8 +979,8 @@ class _TagIndex:
     """Which filtered listeners want a tag: their filters indexed by the length of
     their literal start, then by the start, then by the pattern; each glob compiled and
     matched once per tag however many listeners declared it; answers cached per tag.
-    ``glob_pieces`` counts the pieces (the parts between ``*``) of the different globs
-    held: what one tag can cost to match.  Used on the broker thread only."""
+    ``glob_pieces`` counts the pieces (_glob_cost) of the different globs held: what
+    one tag can cost to match.  Used on the broker thread only."""
 
     __slots__ = ("_by_len", "_lengths", "_cache", "globs", "glob_pieces")
 
@@ -988,7 +996,7 @@ class _TagIndex:
 
     def new_pieces(self, patterns: list) -> int:
         """The glob pieces that declaring *patterns* would add."""
-        return sum(pattern.count("*") + 1 for pattern in set(patterns)
+        return sum(_glob_cost(pattern) for pattern in set(patterns)
                    if pattern not in self.globs and _glob_start(pattern) != pattern)
 
     def add(self, peer: Any, patterns: list) -> list:
@@ -1007,7 +1015,7 @@ class _TagIndex:
         for pattern, item in fresh.items():
             held = self.globs.setdefault(pattern, item)
             if held is item:
-                self.glob_pieces += pattern.count("*") + 1
+                self.glob_pieces += _glob_cost(pattern)
             held[1] += 1
         for prefix, glob, pattern in filters:     # (tuples: a listener's entry is small)
             entry = self._by_len.setdefault(len(prefix), {}).setdefault(prefix, {}).setdefault(
@@ -1038,7 +1046,7 @@ class _TagIndex:
                 held[1] -= 1
                 if not held[1]:
                     del self.globs[pattern]
-                    self.glob_pieces -= pattern.count("*") + 1
+                    self.glob_pieces -= _glob_cost(pattern)
         self._lengths = sorted(self._by_len)
         self._cache.clear()
 
@@ -1979,7 +1987,8 @@ class _Listeners:
                 return
             if self._index.glob_pieces + pieces > _GLOB_PIECES:
                 self._refuse(peer, f"listeners' different globs have "
-                                   f"{self._index.glob_pieces} pieces between their '*'; "
+                                   f"{self._index.glob_pieces} pieces between their '*' "
+                                   f"(one with '?' or '[' counts its length); "
                                    f"this listener's {pieces} new ones would pass the bound "
                                    f"({_GLOB_PIECES}, what matching one tag may cost)")
                 return

@@ -3954,6 +3954,24 @@ def test_different_globs_are_bounded_by_what_matching_a_tag_may_cost(sock_dir):
                 ev.destroy()
 
 
+def test_globs_with_character_sets_count_their_length_against_the_bound(sock_dir):
+    """A piece with ``?`` or ``[...]`` is a regex tried at each place of a tag: it counts
+    a piece per character, so a zoo of long sets cannot make each new tag cost the
+    broker milliseconds (341 such globs fitted, at 16 ms a tag), and what fits still
+    matches."""
+    with MasterEvent(sock_dir, listen=False) as firer:
+        assert firer.connect_pull(timeout=TIMEOUT)
+        kept = listeners_until_refused(sock_dir, "different globs", 200, lambda i: {
+            "saltevent_tags": ["*" + "[ab]" * 128 + "c%d*" % i]})
+        try:
+            assert 0 < len(kept) < 10
+            assert firer.fire_event({"n": 1}, "ab" * 64 + "c0/x")
+            assert kept[0].get_event(wait=TIMEOUT)["n"] == 1
+        finally:
+            for ev in kept:
+                ev.destroy()
+
+
 def test_globs_count_exactly_in_replays_and_drops(sock_dir):
     """A listener's declared globs decide what ``last`` counts and what its drop
     notices count: only the events they match."""
